@@ -129,7 +129,9 @@ absl::Status ParseLlamaCommon(const json& j, absl::string_view src, ModelConfig&
   NEEDLE_ASSIGN_OR_RETURN(c.num_kv_heads, GetInt(j, src, "num_key_value_heads", c.num_heads));
   if (c.num_heads <= 0) return FieldError(src, "num_attention_heads", "must be positive");
   NEEDLE_ASSIGN_OR_RETURN(c.head_dim_qk, GetInt(j, src, "head_dim", c.hidden_size / c.num_heads));
-  c.head_dim_v = c.head_dim_qk;
+  // needle extension (nsa-paper, and the dense baseline of the same geometry): d_k != d_v.
+  NEEDLE_ASSIGN_OR_RETURN(c.head_dim_qk, GetInt(j, src, "qk_head_dim", c.head_dim_qk));
+  NEEDLE_ASSIGN_OR_RETURN(c.head_dim_v, GetInt(j, src, "v_head_dim", c.head_dim_qk));
   NEEDLE_ASSIGN_OR_RETURN(c.intermediate_size, GetInt(j, src, "intermediate_size", std::nullopt));
   NEEDLE_ASSIGN_OR_RETURN(double eps, GetNumber(j, src, "rms_norm_eps", 1e-6));
   c.norm_eps = static_cast<float>(eps);
@@ -170,8 +172,6 @@ absl::Status ParseLlamaNsa(const json& j, absl::string_view src, ModelConfig& c)
 
 absl::Status ParseNsaPaper(const json& j, absl::string_view src, ModelConfig& c) {
   NEEDLE_RETURN_IF_ERROR(ParseLlamaCommon(j, src, c));
-  NEEDLE_ASSIGN_OR_RETURN(c.head_dim_qk, GetInt(j, src, "qk_head_dim", c.head_dim_qk));
-  NEEDLE_ASSIGN_OR_RETURN(c.head_dim_v, GetInt(j, src, "v_head_dim", c.head_dim_qk));
   NsaParams& n = c.nsa;
   NEEDLE_ASSIGN_OR_RETURN(n.cmp_block, GetInt(j, src, "compress_block_size", 32));
   NEEDLE_ASSIGN_OR_RETURN(n.cmp_stride, GetInt(j, src, "compress_stride", 16));
@@ -316,9 +316,11 @@ json ModelConfigToJson(const ModelConfig& c) {
         j["block_counts"] = c.nsa.num_selected;
         j["window_size"] = c.nsa.window;
       }
-      if (c.arch == Architecture::kNsaPaper) {
+      if (c.head_dim_v != c.head_dim_qk) {
         j["qk_head_dim"] = c.head_dim_qk;
         j["v_head_dim"] = c.head_dim_v;
+      }
+      if (c.arch == Architecture::kNsaPaper) {
         j["compress_block_size"] = c.nsa.cmp_block;
         j["compress_stride"] = c.nsa.cmp_stride;
         j["select_block_size"] = c.nsa.sel_block;
