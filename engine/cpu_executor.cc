@@ -17,8 +17,8 @@ namespace ref = kernels::reference;
 CpuExecutor::CpuExecutor(const ModelWeights& weights, const KvCacheConfig& cache)
     : w_(weights), c_(weights.config), layout_(CacheLayout::For(weights.config, cache)) {
   const NsaParams& n = c_.nsa;
-  geo_ = ref::NsaGeometry{n.cmp_block, n.cmp_stride, n.sel_block, n.num_selected,
-                          n.forced_initial, n.forced_local, n.window};
+  geo_ = ref::NsaGeometry{n.cmp_block, n.cmp_stride, n.sel_block,    n.num_selected,
+                          n.forced_initial, n.forced_local, n.window, n.topk_merge_chunk};
   const int64_t per_head_rows[kNumPools] = {layout_.page_tokens, layout_.cmp_page_tokens, layout_.page_tokens,
                                             layout_.staging_rows};
   for (int p = 0; p < kNumPools; ++p) {

@@ -283,7 +283,7 @@ void Engine::SampleAndEmit(Live& live, const float* logits) {
   FinishReason reason = FinishReason::kUnspecified;
   std::string matched;
   const StoppingCriteria& st = live.req.stopping;
-  if (!st.ignore_eos && m.eos_token_id >= 0 && tok == m.eos_token_id) {
+  if (!st.ignore_eos && m.IsEos(tok)) {
     reason = FinishReason::kEos;
   } else if (std::find(st.stop_token_ids.begin(), st.stop_token_ids.end(), tok) != st.stop_token_ids.end()) {
     reason = FinishReason::kStop;

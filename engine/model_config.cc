@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <initializer_list>
 #include <optional>
 #include <sstream>
 
@@ -68,6 +69,54 @@ absl::StatusOr<int> GetTokenId(const json& j, absl::string_view source, const ch
   return GetInt(j, source, field, fallback);
 }
 
+// eos_token_id may be a single id or a list (generation stops on any of them).
+absl::StatusOr<std::vector<int>> GetTokenIds(const json& j, absl::string_view source, const char* field,
+                                             int fallback) {
+  std::vector<int> ids;
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null()) {
+    if (fallback >= 0) ids.push_back(fallback);
+    return ids;
+  }
+  if (!it->is_array()) {
+    NEEDLE_ASSIGN_OR_RETURN(int id, GetInt(j, source, field, fallback));
+    ids.push_back(id);
+    return ids;
+  }
+  for (const json& e : *it) {
+    json one = {{field, e}};
+    NEEDLE_ASSIGN_OR_RETURN(int id, GetInt(one, source, field, std::nullopt));
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+// RoPE theta: top-level rope_theta, or rope_parameters.rope_theta (newer transformers). Only plain
+// RoPE is supported.
+absl::StatusOr<double> GetRopeTheta(const json& j, absl::string_view src) {
+  if (auto it = j.find("rope_scaling"); it != j.end() && !it->is_null()) {
+    return FieldError(src, "rope_scaling", "is not supported (only plain RoPE)");
+  }
+  if (auto it = j.find("rope_parameters"); it != j.end() && !it->is_null()) {
+    if (!it->is_object()) return FieldError(src, "rope_parameters", "must be an object");
+    if (auto t = it->find("rope_type"); t != it->end() && !(t->is_string() && *t == "default")) {
+      return FieldError(src, "rope_parameters.rope_type", absl::StrCat("must be \"default\", got ", t->dump()));
+    }
+    if (it->contains("rope_theta")) return GetNumber(*it, src, "rope_theta", std::nullopt);
+  }
+  auto it = j.find("rope_theta");
+  if (it != j.end() && it->is_null()) return FieldError(src, "rope_theta", "must not be null");
+  return GetNumber(j, src, "rope_theta", 10000.0);
+}
+
+// Fields whose null value the training code cannot run with.
+absl::Status RejectNulls(const json& j, absl::string_view src, std::initializer_list<const char*> fields) {
+  for (const char* f : fields) {
+    if (auto it = j.find(f); it != j.end() && it->is_null()) return FieldError(src, f, "must not be null");
+  }
+  return absl::OkStatus();
+}
+
 int NextPowerOfTwo(int x) {
   int p = 1;
   while (p < x) p <<= 1;
@@ -75,7 +124,7 @@ int NextPowerOfTwo(int x) {
 }
 
 // FLA GatedMLP: intermediate = 256 * ceil(int(hidden * ratio * 2 / 3) / 256) when not given.
-int FlaIntermediateSize(int hidden, int ratio) {
+int FlaIntermediateSize(int hidden, double ratio) {
   int raw = static_cast<int>(hidden * ratio * 2.0 / 3.0);
   return 256 * ((raw + 255) / 256);
 }
@@ -85,7 +134,13 @@ absl::Status ParseNsa(const json& j, absl::string_view src, ModelConfig& c) {
   NEEDLE_ASSIGN_OR_RETURN(c.hidden_size, GetInt(j, src, "hidden_size", 2048));
   NEEDLE_ASSIGN_OR_RETURN(c.num_layers, GetInt(j, src, "num_hidden_layers", 24));
   NEEDLE_ASSIGN_OR_RETURN(c.num_heads, GetInt(j, src, "num_heads", 64));
-  NEEDLE_ASSIGN_OR_RETURN(c.num_kv_heads, GetInt(j, src, "num_kv_heads", 4));
+  // FLA's layer uses num_heads when num_kv_heads is null; absent means the config default 4.
+  if (auto it = j.find("num_kv_heads"); it != j.end() && it->is_null()) {
+    c.num_kv_heads = c.num_heads;
+  } else {
+    NEEDLE_ASSIGN_OR_RETURN(c.num_kv_heads, GetInt(j, src, "num_kv_heads", 4));
+  }
+  NEEDLE_RETURN_IF_ERROR(RejectNulls(j, src, {"window_size", "block_counts", "block_size"}));
   // NSABlock does not pass config.head_dim to NativeSparseAttention, whose default is 64: the
   // attention runs at head_dim 64 whatever config.json says (docs/conventions.md).
   c.head_dim_qk = c.head_dim_v = 64;
@@ -93,16 +148,17 @@ absl::Status ParseNsa(const json& j, absl::string_view src, ModelConfig& c) {
   NEEDLE_ASSIGN_OR_RETURN(int block_size, GetInt(j, src, "block_size", 64));
   NEEDLE_ASSIGN_OR_RETURN(int block_counts, GetInt(j, src, "block_counts", 16));
   NEEDLE_ASSIGN_OR_RETURN(int window, GetInt(j, src, "window_size", 512));
-  NEEDLE_ASSIGN_OR_RETURN(c.rope_theta, GetNumber(j, src, "rope_theta", 10000.0));
+  NEEDLE_ASSIGN_OR_RETURN(c.rope_theta, GetRopeTheta(j, src));
   NEEDLE_ASSIGN_OR_RETURN(c.max_position_embeddings, GetInt(j, src, "max_position_embeddings", 2048));
-  NEEDLE_ASSIGN_OR_RETURN(int hidden_ratio, GetInt(j, src, "hidden_ratio", 4));
+  NEEDLE_ASSIGN_OR_RETURN(double hidden_ratio, GetNumber(j, src, "hidden_ratio", 4.0));
   NEEDLE_ASSIGN_OR_RETURN(c.intermediate_size,
                           GetInt(j, src, "intermediate_size", FlaIntermediateSize(c.hidden_size, hidden_ratio)));
   NEEDLE_ASSIGN_OR_RETURN(double eps, GetNumber(j, src, "norm_eps", 1e-6));
   c.norm_eps = static_cast<float>(eps);
   NEEDLE_ASSIGN_OR_RETURN(c.tie_word_embeddings, GetBool(j, src, "tie_word_embeddings", false));
   NEEDLE_ASSIGN_OR_RETURN(c.bos_token_id, GetTokenId(j, src, "bos_token_id", 1));
-  NEEDLE_ASSIGN_OR_RETURN(c.eos_token_id, GetTokenId(j, src, "eos_token_id", 2));
+  NEEDLE_ASSIGN_OR_RETURN(c.eos_token_ids, GetTokenIds(j, src, "eos_token_id", 2));
+  c.eos_token_id = c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0];
   if (auto act = j.find("hidden_act"); act != j.end() && act->is_string() &&
                                        *act != "swish" && *act != "silu") {
     return FieldError(src, "hidden_act", absl::StrCat("must be \"swish\" or \"silu\", got ", act->dump()));
@@ -112,8 +168,11 @@ absl::Status ParseNsa(const json& j, absl::string_view src, ModelConfig& c) {
   n.cmp_block = n.cmp_stride = n.sel_block = block_size;
   // The Triton top-k that models are trained with fills next_power_of_2(block_counts) slots.
   n.num_selected = NextPowerOfTwo(block_counts);
-  n.forced_initial = 1;  // block 0
-  n.forced_local = 2;    // the current block and the one before it
+  // Current FLA forces block 0, the previous and the current block. Checkpoints trained with older
+  // FLA (current block only) say so with needle's optional keys (docs/conventions.md, 7.2).
+  NEEDLE_ASSIGN_OR_RETURN(n.forced_initial, GetInt(j, src, "forced_initial_blocks", 1));
+  NEEDLE_ASSIGN_OR_RETURN(n.forced_local, GetInt(j, src, "forced_local_blocks", 2));
+  NEEDLE_ASSIGN_OR_RETURN(n.topk_merge_chunk, GetInt(j, src, "topk_merge_chunk", 0));
   n.window = window;
   n.compression = Compression::kMeanPostRope;
   n.shared_kv = true;
@@ -135,16 +194,16 @@ absl::Status ParseLlamaCommon(const json& j, absl::string_view src, ModelConfig&
   NEEDLE_ASSIGN_OR_RETURN(c.intermediate_size, GetInt(j, src, "intermediate_size", std::nullopt));
   NEEDLE_ASSIGN_OR_RETURN(double eps, GetNumber(j, src, "rms_norm_eps", 1e-6));
   c.norm_eps = static_cast<float>(eps);
-  NEEDLE_ASSIGN_OR_RETURN(c.rope_theta, GetNumber(j, src, "rope_theta", 10000.0));
+  NEEDLE_ASSIGN_OR_RETURN(c.rope_theta, GetRopeTheta(j, src));
   NEEDLE_ASSIGN_OR_RETURN(c.max_position_embeddings, GetInt(j, src, "max_position_embeddings", 2048));
   NEEDLE_ASSIGN_OR_RETURN(c.tie_word_embeddings, GetBool(j, src, "tie_word_embeddings", false));
   NEEDLE_ASSIGN_OR_RETURN(c.bos_token_id, GetTokenId(j, src, "bos_token_id", 1));
-  NEEDLE_ASSIGN_OR_RETURN(c.eos_token_id, GetTokenId(j, src, "eos_token_id", 2));
+  NEEDLE_ASSIGN_OR_RETURN(c.eos_token_ids, GetTokenIds(j, src, "eos_token_id", 2));
+  c.eos_token_id = c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0];
   NEEDLE_ASSIGN_OR_RETURN(bool attention_bias, GetBool(j, src, "attention_bias", false));
   if (attention_bias) return FieldError(src, "attention_bias", "true is not supported");
-  if (auto it = j.find("rope_scaling"); it != j.end() && !it->is_null()) {
-    return FieldError(src, "rope_scaling", "is not supported (only plain RoPE)");
-  }
+  NEEDLE_ASSIGN_OR_RETURN(bool mlp_bias, GetBool(j, src, "mlp_bias", false));
+  if (mlp_bias) return FieldError(src, "mlp_bias", "true is not supported");
   if (auto act = j.find("hidden_act"); act != j.end() && act->is_string() && *act != "silu" &&
                                        *act != "swish") {
     return FieldError(src, "hidden_act", absl::StrCat("must be \"silu\", got ", act->dump()));
@@ -155,13 +214,26 @@ absl::Status ParseLlamaCommon(const json& j, absl::string_view src, ModelConfig&
 
 absl::Status ParseLlamaNsa(const json& j, absl::string_view src, ModelConfig& c) {
   NEEDLE_RETURN_IF_ERROR(ParseLlamaCommon(j, src, c));
+  if (auto it = j.find("inference_mode"); it != j.end()) {
+    // SSA checkpoints reuse this model_type but drop the compressed (and window) branch.
+    return FieldError(src, "inference_mode",
+                      "marks an SSA checkpoint (selected branch only), which needle does not support");
+  }
   NEEDLE_ASSIGN_OR_RETURN(int block_size, GetInt(j, src, "block_size", 64));
   NEEDLE_ASSIGN_OR_RETURN(int block_counts, GetInt(j, src, "block_counts", 16));
-  NEEDLE_ASSIGN_OR_RETURN(int window, GetInt(j, src, "window_size", 0));
+  NEEDLE_ASSIGN_OR_RETURN(int window, GetInt(j, src, "window_size", 512));
+  if (block_counts < 1) return FieldError(src, "block_counts", "must be >= 1");
   NsaParams& n = c.nsa;
   n.cmp_block = n.cmp_stride = n.sel_block = block_size;
-  n.num_selected = block_counts;
-  n.forced_initial = 0;  // the older kernel forces only the query's own block
+  // The fla-org native-sparse-attention top-k fills next_power_of_2(block_counts) slots, forces only
+  // the query's own block and merges chunks of block_size blocks (docs/conventions.md, 7.2-7.3).
+  n.num_selected = NextPowerOfTwo(block_counts);
+  if (n.num_selected > block_size) {
+    return FieldError(src, "block_counts", absl::StrCat("rounds up to ", n.num_selected,
+                                                        " slots, more than block_size (", block_size, ")"));
+  }
+  n.topk_merge_chunk = block_size;
+  n.forced_initial = 0;
   n.forced_local = 1;
   n.window = window;
   n.compression = Compression::kMeanPostRope;
@@ -217,6 +289,7 @@ absl::Status NsaParams::Validate() const {
   if (forced_initial + forced_local > num_selected) return bad("forced blocks exceed num_selected");
   if (window < 0) return bad("window must be >= 0");
   if (compression == Compression::kMlpPreRope && cmp_mlp_hidden < 1) return bad("compress_mlp_hidden must be >= 1");
+  if (topk_merge_chunk < 0) return bad("topk_merge_chunk must be >= 0");
   if (compression == Compression::kMeanPostRope && !(cmp_block == cmp_stride)) {
     return bad("mean compression requires l = d");
   }
@@ -238,7 +311,11 @@ absl::Status ModelConfig::Validate() const {
   if (!(norm_eps > 0) || !std::isfinite(norm_eps)) return bad("norm eps must be positive");
   if (!(rope_theta > 0)) return bad("rope_theta must be positive");
   if (max_position_embeddings < 1) return bad("max_position_embeddings must be positive");
-  if (bos_token_id >= vocab_size || eos_token_id >= vocab_size) return bad("bos/eos token id must be < vocab_size");
+  if (bos_token_id >= vocab_size) return bad("bos_token_id must be < vocab_size");
+  for (int id : eos_token_ids) {
+    if (id < 0 || id >= vocab_size) return bad(absl::StrCat("eos_token_id ", id, " must be in [0, vocab_size)"));
+  }
+  if (eos_token_id >= vocab_size) return bad("eos_token_id must be < vocab_size");
   if (IsNsa()) {
     if (nsa.shared_kv && head_dim_qk != head_dim_v) return bad("shared K/V requires equal head dims");
     return nsa.Validate();
@@ -285,7 +362,11 @@ json ModelConfigToJson(const ModelConfig& c) {
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["bos_token_id"] = c.bos_token_id;
-  j["eos_token_id"] = c.eos_token_id;
+  if (c.eos_token_ids.size() > 1) {
+    j["eos_token_id"] = c.eos_token_ids;
+  } else {
+    j["eos_token_id"] = c.eos_token_id;
+  }
   j["hidden_act"] = "silu";
   j["torch_dtype"] = "bfloat16";
   switch (c.arch) {
@@ -300,6 +381,11 @@ json ModelConfigToJson(const ModelConfig& c) {
       j["block_counts"] = c.nsa.num_selected;
       j["window_size"] = c.nsa.window;
       j["norm_eps"] = c.norm_eps;
+      if (c.nsa.forced_initial != 1 || c.nsa.forced_local != 2) {
+        j["forced_initial_blocks"] = c.nsa.forced_initial;
+        j["forced_local_blocks"] = c.nsa.forced_local;
+      }
+      if (c.nsa.topk_merge_chunk != 0) j["topk_merge_chunk"] = c.nsa.topk_merge_chunk;
       break;
     case Architecture::kLlama:
     case Architecture::kLlamaNsa:
@@ -339,7 +425,8 @@ bool operator==(const NsaParams& a, const NsaParams& b) {
   return a.cmp_block == b.cmp_block && a.cmp_stride == b.cmp_stride && a.sel_block == b.sel_block &&
          a.num_selected == b.num_selected && a.forced_initial == b.forced_initial &&
          a.forced_local == b.forced_local && a.window == b.window && a.compression == b.compression &&
-         a.shared_kv == b.shared_kv && a.cmp_mlp_hidden == b.cmp_mlp_hidden;
+         a.shared_kv == b.shared_kv && a.cmp_mlp_hidden == b.cmp_mlp_hidden &&
+         a.topk_merge_chunk == b.topk_merge_chunk;
 }
 
 bool operator==(const ModelConfig& a, const ModelConfig& b) {
@@ -349,7 +436,7 @@ bool operator==(const ModelConfig& a, const ModelConfig& b) {
          a.intermediate_size == b.intermediate_size && a.norm_eps == b.norm_eps &&
          a.rope_theta == b.rope_theta && a.max_position_embeddings == b.max_position_embeddings &&
          a.qkv_bias == b.qkv_bias && a.tie_word_embeddings == b.tie_word_embeddings &&
-         a.bos_token_id == b.bos_token_id && a.eos_token_id == b.eos_token_id &&
+         a.bos_token_id == b.bos_token_id && a.eos_token_ids == b.eos_token_ids &&
          (!a.IsNsa() || a.nsa == b.nsa);
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 #include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
@@ -41,6 +42,10 @@ struct NsaParams {
   Compression compression = Compression::kMlpPreRope;
   bool shared_kv = false;  // one k_proj/v_proj feeds all three branches (else one per branch)
   int cmp_mlp_hidden = 0;  // kMlpPreRope: hidden width of the compression MLP
+  // 0: exact top-n. C > 0: the chunked merge of the fla-org Triton top-k kernels, which scan blocks
+  // in chunks of C and carry only the best C/2 forward; it differs from exact top-n when n > C/2
+  // (docs/conventions.md section 7.3). llama-nsa checkpoints were trained with it (C = block_size).
+  int topk_merge_chunk = 0;
 
   // N_c(t): compressed tokens visible to query t (0 if t + 1 < l).
   int64_t NumCompressed(int64_t t) const {
@@ -74,10 +79,18 @@ struct ModelConfig {
   bool qkv_bias = false;            // q/k/v projections carry biases (g_proj, o_proj never do)
   bool tie_word_embeddings = false; // lm_head shares the embedding matrix
   int bos_token_id = -1;            // -1: none
-  int eos_token_id = -1;            // -1: none
+  int eos_token_id = -1;            // -1: none; the first of eos_token_ids
+  std::vector<int> eos_token_ids;   // every id that ends generation (config.json may list several)
   NsaParams nsa;                    // meaningless for kLlama
 
   bool IsNsa() const { return arch != Architecture::kLlama; }
+  bool IsEos(int id) const {
+    if (id == eos_token_id) return id >= 0;
+    for (int e : eos_token_ids) {
+      if (e == id) return true;
+    }
+    return false;
+  }
   int GroupSize() const { return num_heads / num_kv_heads; }
   absl::Status Validate() const;
 };

@@ -85,23 +85,38 @@ std::vector<int64_t> SelectBlocks(const std::vector<double>& scores, int64_t t, 
     for (int64_t j = 0; j < num_blocks; ++j) chosen.push_back(j);
     return chosen;
   }
-  std::vector<char> taken(num_blocks, 0);
-  auto take = [&](int64_t j) {
-    if (j >= 0 && j < num_blocks && !taken[j]) {
-      taken[j] = 1;
-      chosen.push_back(j);
-    }
-  };
-  for (int64_t j = 0; j < g.forced_initial; ++j) take(j);
   const int64_t current = t / g.sel_block;
-  for (int64_t j = 0; j < g.forced_local; ++j) take(current - j);
-  std::vector<int64_t> rest;
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    if (!taken[j]) rest.push_back(j);
+  // Forced blocks outrank every score; the rest rank by score, ties to the lower index.
+  std::vector<char> forced(num_blocks, 0);
+  for (int64_t j = 0; j < g.forced_initial && j < num_blocks; ++j) forced[j] = 1;
+  for (int64_t j = 0; j < g.forced_local && current - j >= 0; ++j) forced[current - j] = 1;
+  auto better = [&](int64_t a, int64_t b) {
+    if (forced[a] != forced[b]) return forced[a] > forced[b];
+    if (forced[a]) return a < b;
+    if (scores[a] != scores[b]) return scores[a] > scores[b];
+    return a < b;
+  };
+  auto best = [&](int64_t begin, int64_t end, size_t k) {
+    std::vector<int64_t> v;
+    for (int64_t j = begin; j < end; ++j) v.push_back(j);
+    std::sort(v.begin(), v.end(), better);
+    if (v.size() > k) v.resize(k);
+    return v;
+  };
+  const int64_t C = g.topk_merge_chunk;
+  std::vector<int64_t> pool;
+  if (C > 0 && g.num_selected > C / 2 && current >= C) {
+    const int64_t chunk_start = (current / C) * C;
+    pool = best(0, chunk_start, static_cast<size_t>(C / 2));
+    std::vector<int64_t> cur = best(chunk_start, num_blocks, static_cast<size_t>(C / 2));
+    pool.insert(pool.end(), cur.begin(), cur.end());
+    std::sort(pool.begin(), pool.end(), better);
+  } else {
+    pool = best(0, num_blocks, static_cast<size_t>(num_blocks));
   }
-  const size_t want = static_cast<size_t>(g.num_selected) - chosen.size();
-  std::stable_sort(rest.begin(), rest.end(), [&](int64_t a, int64_t b) { return scores[a] > scores[b]; });
-  for (size_t i = 0; i < want && i < rest.size(); ++i) chosen.push_back(rest[i]);
+  for (size_t i = 0; i < pool.size() && chosen.size() < static_cast<size_t>(g.num_selected); ++i) {
+    chosen.push_back(pool[i]);
+  }
   std::sort(chosen.begin(), chosen.end());
   return chosen;
 }

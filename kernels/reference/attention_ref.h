@@ -26,6 +26,7 @@ struct NsaGeometry {
   int forced_initial;  // blocks 0..forced_initial-1 always selected
   int forced_local;    // the forced_local most recent blocks always selected
   int window;          // w (0: no window branch)
+  int topk_merge_chunk = 0;  // 0: exact top-n; C: fla-org's chunked merge (see SelectBlocks)
 
   int64_t NumCompressed(int64_t t) const {
     return t + 1 < cmp_block ? 0 : (t + 1 - cmp_block) / cmp_stride + 1;
@@ -50,7 +51,9 @@ std::vector<double> BlockScores(const float* q, int G, int dk, const KvRows& kc,
 
 // The selected blocks for query t given the group's block scores: forced blocks, then the highest
 // scores among the rest (ties to the lower index), n in all (or every block if there are fewer).
-// Returned in ascending block order.
+// With topk_merge_chunk = C > 0 and n > C/2, the fla-org Triton top-k is reproduced instead: blocks
+// are ranked in chunks of C and only the best C/2 of all chunks before the current block's chunk
+// survive to compete with the best C/2 of that chunk. Returned in ascending block order.
 std::vector<int64_t> SelectBlocks(const std::vector<double>& scores, int64_t t, const NsaGeometry& g);
 
 // Key ranges of the selected blocks masked to positions <= t.

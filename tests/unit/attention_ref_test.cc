@@ -168,3 +168,29 @@ TEST(NsaAttention, EmptyCompressionBranchIsZero) {
 
 }  // namespace
 }  // namespace needle::kernels::reference
+
+namespace needle::kernels::reference {
+namespace {
+
+TEST(SelectBlocks, ChunkedMergeKeepsOnlyHalfAChunkFromThePast) {
+  // C = 4 blocks per chunk, n = 4 > C/2: fla-org's merge keeps the best 2 of chunks before the current
+  // block's chunk and the best 2 of that chunk. Current block 9 (chunk 2 = blocks 8..11, 10 blocks).
+  NsaGeometry g{16, 16, 16, 4, 0, 1, 32, 4};
+  const int64_t t = 9 * 16 + 5;
+  //                        0    1    2    3    4    5    6    7    8    9
+  std::vector<double> s = {0.9, 0.8, 0.7, 0.1, 0.6, 0.1, 0.1, 0.1, 0.2, 0.0};
+  // Past best 2: blocks 0, 1. Current chunk best 2: block 9 (forced), then 8. Exact top-4 would be
+  // {0, 1, 2, 9}; the merge gives {0, 1, 8, 9}.
+  EXPECT_EQ(SelectBlocks(s, t, g), (std::vector<int64_t>{0, 1, 8, 9}));
+  g.topk_merge_chunk = 0;
+  EXPECT_EQ(SelectBlocks(s, t, g), (std::vector<int64_t>{0, 1, 2, 9}));
+  // n <= C/2: the merge is exact.
+  g.topk_merge_chunk = 8;
+  EXPECT_EQ(SelectBlocks(s, t, g), (std::vector<int64_t>{0, 1, 2, 9}));
+  // Within the first chunk (current < C) it is exact too.
+  g.topk_merge_chunk = 16;
+  EXPECT_EQ(SelectBlocks(s, t, g), (std::vector<int64_t>{0, 1, 2, 9}));
+}
+
+}  // namespace
+}  // namespace needle::kernels::reference

@@ -67,5 +67,58 @@ TEST(ModelConfig, ErrorsNameTheField) {
   EXPECT_NE(wrong_type.status().message().find("vocab_size"), std::string::npos);
 }
 
+TEST(ModelConfig, LlamaNsaFollowsTheFlaOrgKernel) {
+  json j = {{"model_type", "llama-nsa"}, {"vocab_size", 100}, {"hidden_size", 64}, {"num_hidden_layers", 1},
+            {"num_attention_heads", 4}, {"num_key_value_heads", 1}, {"intermediate_size", 32},
+            {"block_size", 16}, {"block_counts", 5}};
+  auto c = ModelConfigFromJson(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->nsa.num_selected, 8);       // next power of two
+  EXPECT_EQ(c->nsa.topk_merge_chunk, 16);  // chunks of block_size blocks
+  EXPECT_EQ(c->nsa.forced_initial, 0);
+  EXPECT_EQ(c->nsa.forced_local, 1);
+  EXPECT_EQ(c->nsa.window, 512);
+  j["block_counts"] = 17;  // 32 slots > block_size 16
+  EXPECT_FALSE(ModelConfigFromJson(j).ok());
+  j["block_counts"] = 16;
+  j["inference_mode"] = "sparse";  // an SSA checkpoint
+  auto ssa = ModelConfigFromJson(j);
+  ASSERT_FALSE(ssa.ok());
+  EXPECT_NE(ssa.status().message().find("inference_mode"), std::string::npos);
+}
+
+TEST(ModelConfig, EosListsRopeParametersAndNulls) {
+  json j = {{"model_type", "llama"}, {"vocab_size", 100}, {"hidden_size", 64}, {"num_hidden_layers", 1},
+            {"num_attention_heads", 4}, {"intermediate_size", 32}, {"eos_token_id", {7, 9}},
+            {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 500000.0}}}};
+  auto c = ModelConfigFromJson(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->eos_token_id, 7);
+  EXPECT_TRUE(c->IsEos(7));
+  EXPECT_TRUE(c->IsEos(9));
+  EXPECT_FALSE(c->IsEos(8));
+  EXPECT_EQ(c->rope_theta, 500000.0);
+  auto back = ModelConfigFromJson(ModelConfigToJson(*c));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(*back == *c);
+  j["rope_parameters"]["rope_type"] = "yarn";
+  EXPECT_FALSE(ModelConfigFromJson(j).ok());
+  j.erase("rope_parameters");
+  j["mlp_bias"] = true;
+  EXPECT_FALSE(ModelConfigFromJson(j).ok());
+
+  json n = {{"model_type", "nsa"}, {"num_heads", 16}, {"num_kv_heads", nullptr}};
+  auto fla = ModelConfigFromJson(n);
+  ASSERT_TRUE(fla.ok()) << fla.status();
+  EXPECT_EQ(fla->num_kv_heads, 16);  // FLA's layer: None means num_heads
+  n["window_size"] = nullptr;
+  EXPECT_FALSE(ModelConfigFromJson(n).ok());
+  json r = {{"model_type", "nsa"}, {"hidden_ratio", 3.5}, {"hidden_size", 512}};
+  auto ratio = ModelConfigFromJson(r);
+  ASSERT_TRUE(ratio.ok()) << ratio.status();
+  // 256 * ceil(int(512 * 3.5 * 2 / 3) / 256) = 256 * ceil(1194 / 256) = 1280
+  EXPECT_EQ(ratio->intermediate_size, 1280);
+}
+
 }  // namespace
 }  // namespace needle::engine
