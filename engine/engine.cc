@@ -301,11 +301,17 @@ void Engine::SampleAndEmit(Live& live, const float* logits) {
       (live.generated() >= live.max_new || static_cast<int64_t>(live.tokens.size()) >= m.max_position_embeddings)) {
     reason = FinishReason::kLength;
   }
-  if (reason != FinishReason::kUnspecified && reason != FinishReason::kStop) {
-    // Generation ends without a stop string: release what the matcher and detokenizer still hold.
+  if (reason != FinishReason::kUnspecified && matched.empty() && !live.stop->stopped()) {
+    // Generation ends without a stop string so far: release what the detokenizer and the matcher
+    // still hold (the flushed bytes can still complete a stop string).
     StopMatcher::Result r = live.stop->Feed(live.detok->Flush());
     ev.text += r.text;
-    ev.text += live.stop->Flush();
+    if (r.matched) {
+      reason = FinishReason::kStop;
+      matched = std::move(r.stop);
+    } else {
+      ev.text += live.stop->Flush();
+    }
   }
   live.sink(std::move(ev));
   if (reason != FinishReason::kUnspecified) Finish(live, reason, absl::OkStatus(), std::move(matched));
