@@ -1,0 +1,45 @@
+// KV append kernel: one thread block per token, threads over (head, column) of K then V.
+#include "kernels/kv_append.h"
+
+#include "kernels/ops_common.cuh"
+
+namespace needle::kernels {
+namespace {
+
+constexpr int kThreads = 128;
+
+__device__ void CopyRows(const __nv_bfloat16* src, const PagedPool& pool, int64_t slot) {
+  const int d = pool.head_dim;
+  const int n = pool.num_kv_heads * d;
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    const int h = e / d, c = e - h * d;
+    PoolRow<__nv_bfloat16>(pool, h, slot)[c] = src[e];
+  }
+}
+
+__global__ void KvAppendKernel(KvAppendParams p) {
+  const int t = blockIdx.x;
+  const int64_t slot = p.slots[t];
+  if (slot < 0) return;
+  CopyRows(p.k + static_cast<int64_t>(t) * p.k_stride, p.k_pool, slot);
+  if (p.v != nullptr) CopyRows(p.v + static_cast<int64_t>(t) * p.v_stride, p.v_pool, slot);
+}
+
+}  // namespace
+
+cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return cudaSuccess;
+  if (p.num_tokens < 0 || p.k == nullptr || p.slots == nullptr || p.k_pool.base == nullptr ||
+      p.k_pool.rows_per_page <= 0 || p.k_pool.head_dim <= 0 || p.k_pool.num_kv_heads <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.v != nullptr && (p.v_pool.base == nullptr || p.v_pool.head_dim <= 0 ||
+                         p.v_pool.rows_per_page != p.k_pool.rows_per_page ||
+                         p.v_pool.num_kv_heads != p.k_pool.num_kv_heads)) {
+    return cudaErrorInvalidValue;
+  }
+  KvAppendKernel<<<p.num_tokens, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace needle::kernels

@@ -1,0 +1,82 @@
+// NSA decode attention: one query token per sequence, a batch of sequences with their own positions,
+// all three branches (compressed, selected, window) and the gated sum, reading paged caches. The
+// semantics are kernels/reference/attention_ref.h's NsaAttention (see shared docs nsa-inference.md
+// sections 1, 2 and 5); this header declares the params and the launcher and compiles with g++. It
+// also holds the pieces the NSA prefill kernel shares (NsaKernelGeometry, GateDType).
+//
+// Contract: before the launch, every cache already holds the rows the step reads: the selection
+// cache rows 0..t (the query's own K/V included), the compressed cache rows 0..N_c(t)-1 (including a
+// compressed token that position t completes), and, with independent window K/V, the window ring
+// row t. The kernel writes nothing but `out` and `selected_blocks`.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/paged_kv.h"
+
+namespace needle::kernels {
+
+// The NSA geometry (mirrors engine::NsaParams / reference::NsaGeometry).
+struct NsaKernelGeometry {
+  int cmp_block = 32;      // l: raw tokens per compressed token
+  int cmp_stride = 16;     // d: distance between consecutive compressed tokens' starts
+  int sel_block = 64;      // l': tokens per selection block
+  int num_selected = 16;   // n: blocks selected per query and KV group, forced blocks included
+  int forced_initial = 1;  // blocks 0..forced_initial-1 always selected
+  int forced_local = 2;    // the forced_local most recent blocks always selected
+  int window = 512;        // w: window keys, the query included; 0 disables the window branch
+};
+
+enum class GateDType : int32_t { kBf16 = 0, kFp32 = 1 };
+
+struct NsaDecodeParams {
+  // [num_seqs][num_heads][head_dim_qk] bf16: the queries, post-RoPE. Head h uses KV head h / G.
+  const __nv_bfloat16* q = nullptr;
+  // [num_seqs][num_heads][3] (cmp, slc, win), already sigmoided; bf16 or fp32 per gate_dtype.
+  const void* gates = nullptr;
+  GateDType gate_dtype = GateDType::kBf16;
+  // [num_seqs][num_heads][head_dim_v] bf16: the gated sum of the three branches.
+  __nv_bfloat16* out = nullptr;
+  // Optional (nullptr: not written). [num_seqs][num_kv_heads][num_selected] int32: the selected
+  // block ids of each KV group in ascending order, -1 in unused slots.
+  int32_t* selected_blocks = nullptr;
+  // [num_seqs] int32: t, the position of each sequence's query token (it sees tokens 0..t).
+  const int32_t* positions = nullptr;
+
+  int num_seqs = 0;
+  int num_heads = 0;     // H
+  int num_kv_heads = 0;  // Hkv; G = H / Hkv must be in 1..64
+  int head_dim_qk = 0;   // d_k
+  int head_dim_v = 0;    // d_v
+  // An upper bound on positions[b] + 1 over the batch; sizes per-block scratch (block scores). A
+  // query beyond it gets NaN outputs instead of being computed.
+  int max_context = 0;
+  float softmax_scale = 0.0f;  // 1 / sqrt(d_k)
+  NsaKernelGeometry geometry;
+
+  // Rows are compressed tokens 0..N_c(t)-1 (K_cmp, V_cmp).
+  PagedKvCache compressed;
+  // Rows are positions: raw post-RoPE K/V of the selection branch (all branches when shared_kv).
+  PagedKvCache selection;
+  // Rows are positions, a ring of pages (ring_pages > 0). Ignored when shared_kv.
+  PagedKvCache window;
+  // true: the window branch reads the selection cache (shared branch K/V, FLA `nsa`/`llama-nsa`).
+  bool shared_kv = true;
+};
+
+// Whether the kernels are instantiated for these head dims (d_k/d_v pairs 64/64, 128/128, 192/128,
+// 16/16, 32/32, 24/16) and group size (1..64). Refuse a model at load when this is false.
+bool NsaDecodeSupported(int head_dim_qk, int head_dim_v, int group_size);
+
+// Device workspace LaunchNsaDecode needs (0 today: the kernel keeps its scratch in shared memory).
+size_t NsaDecodeWorkspaceBytes(int num_seqs, int num_kv_heads, int group_size, int max_context);
+
+// Enqueues the decode attention on `stream`. cudaErrorInvalidValue for unsupported or inconsistent
+// params (nothing is launched then); otherwise the launch status.
+cudaError_t LaunchNsaDecode(const NsaDecodeParams& params, void* workspace, cudaStream_t stream);
+
+}  // namespace needle::kernels

@@ -1,0 +1,91 @@
+// NSA prefill: the kernel and launcher declared in kernels/nsa_prefill.h. One thread block per
+// (query token, KV head) runs detail::NsaGroupAttention; the window rows of the chunk come from the
+// contiguous chunk buffers when the window is a ring (see the header's contract).
+#include "kernels/nsa_prefill.h"
+
+#include "kernels/attention_common.cuh"
+
+namespace needle::kernels {
+namespace {
+
+template <int DK, int DV>
+__global__ void __launch_bounds__(detail::kThreads) NsaPrefillKernel(const NsaPrefillParams p, int max_blocks) {
+  extern __shared__ __align__(16) char smem[];
+  __shared__ detail::MergeScratch<DV> scratch;
+  const int token = blockIdx.x, kv_head = blockIdx.y;
+  const int seq = detail::FindSequence(p.cu_tokens, p.num_seqs, token);
+  const int G = p.num_heads / p.num_kv_heads;
+  const int64_t head0 = static_cast<int64_t>(token) * p.num_heads + static_cast<int64_t>(kv_head) * G;
+  const int64_t start = p.start_pos[seq];
+
+  detail::NsaQueryGroup qg;
+  qg.q = p.q + head0 * DK;
+  qg.gates = detail::GatesAt(p.gates, p.gate_dtype, head0);
+  qg.gate_dtype = p.gate_dtype;
+  qg.out = p.out + head0 * DV;
+  qg.selected = p.selected_blocks == nullptr
+                    ? nullptr
+                    : p.selected_blocks + (static_cast<int64_t>(token) * p.num_kv_heads + kv_head) *
+                                              p.geometry.num_selected;
+  qg.t = start + (token - p.cu_tokens[seq]);
+  qg.G = G;
+  qg.scale = p.softmax_scale;
+  qg.cmp = detail::PagedRows(p.compressed, seq, kv_head, DK, DV);
+  qg.sel = detail::PagedRows(p.selection, seq, kv_head, DK, DV);
+  if (p.shared_kv) {
+    qg.win = qg.sel;
+  } else {
+    qg.win = detail::PagedRows(p.window, seq, kv_head, DK, DV);
+    const int64_t first = static_cast<int64_t>(p.cu_tokens[seq]) * p.num_kv_heads + kv_head;
+    qg.win.k_tail = p.window_k_chunk + first * DK;
+    qg.win.v_tail = p.window_v_chunk + first * DV;
+    qg.win.k_tail_stride = static_cast<int64_t>(p.num_kv_heads) * DK;
+    qg.win.v_tail_stride = static_cast<int64_t>(p.num_kv_heads) * DV;
+    qg.win.tail_start = start;
+  }
+  detail::NsaGroupAttention<DK, DV>(qg, p.geometry, max_blocks, smem, scratch);
+}
+
+bool ParamsValid(const NsaPrefillParams& p) {
+  if (p.num_seqs < 0 || p.num_tokens < 0 || p.num_heads < 1 || p.num_kv_heads < 1) return false;
+  if (p.num_heads % p.num_kv_heads != 0 || p.num_kv_heads > 65535) return false;
+  if (p.num_tokens > 0 && p.num_seqs < 1) return false;
+  if (!NsaPrefillSupported(p.head_dim_qk, p.head_dim_v, p.num_heads / p.num_kv_heads)) return false;
+  if (!detail::NsaGeometryValid(p.geometry) || p.max_context < 1) return false;
+  if (p.q == nullptr || p.gates == nullptr || p.out == nullptr || p.cu_tokens == nullptr || p.start_pos == nullptr) {
+    return false;
+  }
+  if (!detail::CacheValid(p.compressed) || !detail::CacheValid(p.selection)) return false;
+  if (!p.shared_kv && p.geometry.window > 0 &&
+      (!detail::CacheValid(p.window) || p.window_k_chunk == nullptr || p.window_v_chunk == nullptr)) {
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool NsaPrefillSupported(int head_dim_qk, int head_dim_v, int group_size) {
+  return detail::AttentionSupported(head_dim_qk, head_dim_v, group_size);
+}
+
+size_t NsaPrefillWorkspaceBytes(int num_tokens, int num_kv_heads, int group_size, int max_context) { return 0; }
+
+cudaError_t LaunchNsaPrefill(const NsaPrefillParams& p, void* workspace, cudaStream_t stream) {
+  if (!ParamsValid(p)) return cudaErrorInvalidValue;
+  if (p.num_tokens == 0) return cudaSuccess;
+  return detail::DispatchHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) -> cudaError_t {
+    constexpr int kDk = decltype(dims)::qk, kDv = decltype(dims)::v;
+    const int G = p.num_heads / p.num_kv_heads;
+    const int max_blocks = detail::NsaMaxBlocks(p.max_context, p.geometry.sel_block);
+    const size_t smem = detail::NsaSmemBytes(G, kDv, max_blocks, p.geometry.num_selected);
+    if (smem + sizeof(detail::MergeScratch<kDv>) + 1024 > detail::kMaxSmemBytes) return cudaErrorInvalidValue;
+    auto kernel = NsaPrefillKernel<kDk, kDv>;
+    cudaError_t e = detail::AllowDynamicSmem(kernel, smem);
+    if (e != cudaSuccess) return e;
+    kernel<<<dim3(p.num_tokens, p.num_kv_heads), detail::kThreads, smem, stream>>>(p, max_blocks);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace needle::kernels

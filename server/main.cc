@@ -1,0 +1,113 @@
+// needle-server: parses flags, configures logging sinks, starts the gRPC server, loads the engine
+// and waits for SIGINT/SIGTERM, then drains and exits 0. Prints "needle-server listening on
+// HOST:PORT" on stdout once the port is bound (tests start it on port 0 and read the line). The
+// lifecycle itself lives in server/server.cc.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "server/server.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
+
+ABSL_FLAG(std::string, model, "demo", "preset name (demo, tiny-nsa-paper, ...) or checkpoint directory");
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "host:port to serve on; port 0 picks a free port");
+ABSL_FLAG(std::string, backend, "cpu", "executor: cpu, cuda or auto");
+ABSL_FLAG(int, max_batch, 32, "running sequences at most");
+ABSL_FLAG(int, prefill_chunk, 512, "prompt tokens per sequence per engine step at most");
+ABSL_FLAG(int, step_token_budget, 2048, "tokens per engine step at most (decodes count one each)");
+ABSL_FLAG(int64_t, kv_cache_bytes, 256ll << 20, "bytes of all KV cache pools together");
+ABSL_FLAG(int, max_queue, 1024, "waiting requests at most; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error or off");
+ABSL_FLAG(double, grace_period_s, 30, "on SIGINT/SIGTERM, seconds in-flight requests may take to finish");
+ABSL_FLAG(uint64_t, model_seed, 0, "seed of a synthetic preset's weights");
+ABSL_FLAG(uint64_t, seed, 0, "seeds the sampling of requests that set no seed");
+ABSL_FLAG(int64_t, max_buffered_tokens, 8192,
+          "per stream: generated tokens waiting for a slow client at most; beyond, the request is "
+          "cancelled with RESOURCE_EXHAUSTED");
+
+namespace {
+
+// Sinks are configured here only: one stderr sink shared by the subsystem loggers.
+void ConfigureLogging(const std::string& level_name) {
+  auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
+  const spdlog::level::level_enum level = spdlog::level::from_str(level_name);
+  for (const char* name : {"server", "engine"}) {
+    auto logger = std::make_shared<spdlog::logger>(name, sink);
+    logger->set_level(level);
+    spdlog::register_logger(logger);
+  }
+  auto fallback = std::make_shared<spdlog::logger>("needle", sink);
+  fallback->set_level(level);
+  spdlog::set_default_logger(fallback);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("needle-server: gRPC inference server for Native Sparse Attention models");
+  absl::ParseCommandLine(argc, argv);
+
+  const std::string level = absl::GetFlag(FLAGS_log_level);
+  if (spdlog::level::from_str(level) == spdlog::level::off && level != "off") {
+    std::fprintf(stderr, "needle-server: --log_level must be trace, debug, info, warn, error or off\n");
+    return 2;
+  }
+  ConfigureLogging(level);
+  auto log = spdlog::get("server");
+
+  // Block the shutdown signals in every thread (gRPC's and the engine's inherit the mask); the main
+  // thread takes them with sigwait once the server runs.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  needle::server::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.grace_period_s = absl::GetFlag(FLAGS_grace_period_s);
+  options.max_buffered_tokens = absl::GetFlag(FLAGS_max_buffered_tokens);
+  options.engine.model = absl::GetFlag(FLAGS_model);
+  options.engine.model_seed = absl::GetFlag(FLAGS_model_seed);
+  options.engine.backend = absl::GetFlag(FLAGS_backend);
+  options.engine.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+  options.engine.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
+  options.engine.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  options.engine.engine.step_token_budget = absl::GetFlag(FLAGS_step_token_budget);
+  options.engine.engine.max_queue = absl::GetFlag(FLAGS_max_queue);
+  options.engine.engine.seed = absl::GetFlag(FLAGS_seed);
+  if (absl::Status s = options.Validate(); !s.ok()) {
+    log->error("invalid configuration: {}", s.ToString());
+    return 2;
+  }
+  log->info("config: {}", options.ToString());
+
+  auto server = needle::server::NeedleServer::Start(options);
+  if (!server.ok()) {
+    log->error("{}", server.status().ToString());
+    return 1;
+  }
+  std::printf("needle-server listening on %s\n", (*server)->address().c_str());
+  std::fflush(stdout);
+
+  // A signal during the (blocking) engine build stays pending and is taken right after it.
+  if (absl::Status s = (*server)->LoadEngine(); !s.ok()) {
+    log->error("cannot start the engine: {}", s.ToString());
+    (*server)->Shutdown();
+    return 1;
+  }
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  log->info("received {}: draining", signal_number == SIGINT ? "SIGINT" : "SIGTERM");
+  (*server)->Shutdown();
+  return 0;
+}
