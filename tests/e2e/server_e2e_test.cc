@@ -205,6 +205,34 @@ TEST_F(ServerE2eTest, StreamsTokensInOrderAndMatchesUsage) {
   EXPECT_FALSE(again.request_id.empty());
 }
 
+TEST_F(ServerE2eTest, StreamedTokensMatchNeedleGenerate) {
+  StartServer(DefaultArgs());
+  const std::vector<uint32_t> prompt = SyntheticPrompt(300, 7);
+  StreamResult served = Generate(*stub_, TokenRequest(prompt, 24));
+  ASSERT_TRUE(served.status.ok()) << Describe(served.status);
+  ASSERT_EQ(served.ids.size(), 24u);
+  // needle-generate: the offline command on the same engine path, same model, same chunking.
+  char path[] = "/tmp/needle-e2e-ids-XXXXXX";
+  const int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  std::string text;
+  for (uint32_t id : prompt) text += std::to_string(id) + ",";
+  ASSERT_EQ(write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+  close(fd);
+  std::string error;
+  auto gen = Subprocess::Spawn({NEEDLE_GENERATE_PATH, "--model", "demo", "--prompt-ids", path, "--max-tokens", "24",
+                                "--temperature", "0", "--ignore-eos", "--prefill-chunk", "64", "--json"},
+                               &error);
+  ASSERT_NE(gen, nullptr) << error;
+  const std::string out = gen->ReadAll(std::chrono::seconds(60));
+  ASSERT_EQ(gen->Wait(std::chrono::seconds(10)), 0) << out;
+  unlink(path);
+  nlohmann::json j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+  ASSERT_FALSE(j.is_discarded()) << out;
+  EXPECT_EQ(j["generated"].get<std::vector<uint32_t>>(), served.ids);
+  EXPECT_EQ(j["finish_reason"], "length");
+}
+
 TEST_F(ServerE2eTest, ModelInfoTokenizeAndTextPrompts) {
   StartServer(DefaultArgs());
   grpc::ClientContext c1;
