@@ -13,8 +13,10 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "needle/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -39,6 +41,7 @@ Sends one Generate request and streams the completion to stdout.
   --stop STRING          stop string (repeatable)
   --request-id ID        request id (default: the server assigns one)
   --timeout-s SECONDS    call deadline
+  --wait-ready-s SECONDS wait until the server's health is SERVING (model loaded and warm)
   --json                 print one JSON object (ids, text, finish reason, timings) instead of text
   --help
 Exit status: 0 when the call ends OK, 1 on a gRPC error, 2 on bad usage.
@@ -58,6 +61,7 @@ struct Options {
   std::vector<std::string> stop;
   std::string request_id;
   std::optional<double> timeout_s;
+  double wait_ready_s = 0;  // poll grpc.health.v1 until SERVING for up to this long
   bool json = false;
 };
 
@@ -120,6 +124,8 @@ Options ParseArgs(int argc, char** argv) {
       o.request_id = next();
     } else if (arg == "--timeout-s") {
       o.timeout_s = ParseNumber<double>(arg, next());
+    } else if (arg == "--wait-ready-s") {
+      o.wait_ready_s = ParseNumber<double>(arg, next());
     } else if (arg == "--json") {
       o.json = true;
     } else {
@@ -229,6 +235,25 @@ int main(int argc, char** argv) {
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
   auto channel = grpc::CreateCustomChannel(options.server, grpc::InsecureChannelCredentials(), args);
   auto stub = needle::v1::Generation::NewStub(channel);
+  if (options.wait_ready_s > 0) {
+    // The server answers health NOT_SERVING until its engine is built and warm.
+    auto health = grpc::health::v1::Health::NewStub(channel);
+    const Clock::time_point until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                       std::chrono::duration<double>(options.wait_ready_s));
+    for (;;) {
+      grpc::ClientContext hc;
+      hc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      grpc::health::v1::HealthCheckResponse hr;
+      grpc::Status hs = health->Check(&hc, grpc::health::v1::HealthCheckRequest(), &hr);
+      if (hs.ok() && hr.status() == grpc::health::v1::HealthCheckResponse::SERVING) break;
+      if (Clock::now() >= until) {
+        std::cerr << "needle-client: the server at " << options.server << " is not serving after "
+                  << options.wait_ready_s << " s\n";
+        return 1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
 
   grpc::ClientContext context;
   if (options.timeout_s) {

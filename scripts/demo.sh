@@ -24,4 +24,4 @@ done
 echo "needle-server is serving the ${MODEL:-demo} model on $addr"
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--prompt "Once upon a time, in a sparse attention kernel," --max-tokens 64 --temperature 0.8 --seed 7)
-"$BUILD_DIR"/clients/needle-client --server "$addr" "${args[@]}"
+"$BUILD_DIR"/clients/needle-client --server "$addr" --wait-ready-s 120 "${args[@]}"
