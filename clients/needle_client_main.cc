@@ -19,9 +19,12 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "needle/v1/generation.grpc.pb.h"
+#include "clients/client_common.h"
 #include "nlohmann/json.hpp"
 
 namespace {
+
+using namespace needle::clients;  // NOLINT: Summary, Summarize, Gaps, ReasonName, CodeName
 
 using Clock = std::chrono::steady_clock;
 using needle::v1::GenerateRequest;
@@ -153,8 +156,7 @@ GenerateRequest BuildRequest(const Options& o) {
     text << in.rdbuf();
     req.set_text(text.str());
   } else {
-    auto* ids = req.mutable_token_ids();
-    for (long i = 0; i < *o.prompt_tokens; ++i) ids->add_ids(static_cast<uint32_t>(32 + i % 95));
+    SetSyntheticPrompt(&req, *o.prompt_tokens, 0);
   }
   auto* s = req.mutable_sampling();
   if (o.temperature) s->set_temperature(static_cast<float>(*o.temperature));
@@ -166,60 +168,6 @@ GenerateRequest BuildRequest(const Options& o) {
   for (const std::string& stop : o.stop) st->add_stop(stop);
   st->set_ignore_eos(o.ignore_eos);
   return req;
-}
-
-// Mean and percentiles (nearest rank) of a sample, in seconds.
-struct Summary {
-  size_t n = 0;
-  double mean = 0, p50 = 0, p90 = 0, p99 = 0, max = 0;
-};
-
-Summary Summarize(std::vector<double> v) {
-  Summary s;
-  s.n = v.size();
-  if (v.empty()) return s;
-  std::sort(v.begin(), v.end());
-  double sum = 0;
-  for (double x : v) sum += x;
-  s.mean = sum / v.size();
-  auto rank = [&](double p) { return v[std::min(v.size() - 1, static_cast<size_t>(std::ceil(p * v.size())) - 1)]; };
-  s.p50 = rank(0.50);
-  s.p90 = rank(0.90);
-  s.p99 = rank(0.99);
-  s.max = v.back();
-  return s;
-}
-
-// Gaps between consecutive token times (the first token's time itself is the time to first token).
-std::vector<double> Gaps(const std::vector<double>& times) {
-  std::vector<double> gaps;
-  for (size_t i = 1; i < times.size(); ++i) gaps.push_back(times[i] - times[i - 1]);
-  return gaps;
-}
-
-nlohmann::json SummaryJson(const Summary& s) {
-  return {{"n", s.n}, {"mean_s", s.mean}, {"p50_s", s.p50}, {"p90_s", s.p90}, {"p99_s", s.p99}, {"max_s", s.max}};
-}
-
-const char* ReasonName(needle::v1::FinishReason r) {
-  switch (r) {
-    case needle::v1::FINISH_REASON_STOP: return "stop";
-    case needle::v1::FINISH_REASON_LENGTH: return "length";
-    case needle::v1::FINISH_REASON_EOS: return "eos";
-    case needle::v1::FINISH_REASON_CANCELLED: return "cancelled";
-    case needle::v1::FINISH_REASON_DEADLINE: return "deadline";
-    case needle::v1::FINISH_REASON_ERROR: return "error";
-    default: return "unspecified";
-  }
-}
-
-const char* CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-                                       "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i < static_cast<int>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[i] : "UNKNOWN_CODE";
 }
 
 }  // namespace
