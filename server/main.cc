@@ -16,6 +16,9 @@
 #include "server/server.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
+#ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#endif
 
 ABSL_FLAG(std::string, model, "demo", "preset name (demo, tiny-nsa-paper, ...) or checkpoint directory");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "host:port to serve on; port 0 picks a free port");
@@ -24,6 +27,9 @@ ABSL_FLAG(int, max_batch, 32, "running sequences at most");
 ABSL_FLAG(int, prefill_chunk, 512, "prompt tokens per sequence per engine step at most");
 ABSL_FLAG(int, step_token_budget, 2048, "tokens per engine step at most (decodes count one each)");
 ABSL_FLAG(int64_t, kv_cache_bytes, 256ll << 20, "bytes of all KV cache pools together");
+ABSL_FLAG(double, kv_cache_fraction, 0,
+          "cuda: size the KV pools as this fraction of the device memory left after weights and buffers "
+          "(0: use --kv_cache_bytes)");
 ABSL_FLAG(int, max_queue, 1024, "waiting requests at most; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error or off");
 ABSL_FLAG(double, grace_period_s, 30, "on SIGINT/SIGTERM, seconds in-flight requests may take to finish");
@@ -54,6 +60,9 @@ void ConfigureLogging(const std::string& level_name) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("needle-server: gRPC inference server for Native Sparse Attention models");
   absl::ParseCommandLine(argc, argv);
+#ifdef NEEDLE_HAVE_CUDA
+  needle::engine::cuda::RegisterCudaBackend();
+#endif
 
   const std::string level = absl::GetFlag(FLAGS_log_level);
   if (spdlog::level::from_str(level) == spdlog::level::off && level != "off") {
@@ -79,6 +88,7 @@ int main(int argc, char** argv) {
   options.engine.model_seed = absl::GetFlag(FLAGS_model_seed);
   options.engine.backend = absl::GetFlag(FLAGS_backend);
   options.engine.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+  options.engine.kv_cache_fraction = absl::GetFlag(FLAGS_kv_cache_fraction);
   options.engine.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
   options.engine.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   options.engine.engine.step_token_budget = absl::GetFlag(FLAGS_step_token_budget);

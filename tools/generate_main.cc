@@ -21,6 +21,9 @@
 #include "engine/presets.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
+#ifdef NEEDLE_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#endif
 
 ABSL_FLAG(std::string, model, "demo", "model: a preset name or a checkpoint directory");
 ABSL_FLAG(uint64_t, model_seed, 0, "seed of a synthetic preset's weights");
@@ -34,6 +37,9 @@ ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(bool, ignore_eos, false, "keep generating after EOS");
 ABSL_FLAG(std::string, backend, "cpu", "cpu | cuda | auto");
 ABSL_FLAG(int64_t, kv_cache_bytes, 256ll << 20, "bytes of KV cache");
+ABSL_FLAG(double, kv_cache_fraction, 0,
+          "cuda: size the KV cache as this fraction of the device memory left after weights and buffers "
+          "(0: use --kv_cache_bytes)");
 ABSL_FLAG(int, prefill_chunk, 512, "prompt tokens per step");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of the text");
 ABSL_FLAG(std::string, dump_logits, "", "write logits of --dump_positions to this JSON file");
@@ -81,12 +87,16 @@ int Main(int argc, char** argv) {
   for (auto& a : args) cargs.push_back(a.data());
   absl::ParseCommandLine(static_cast<int>(cargs.size()), cargs.data());
   spdlog::set_level(spdlog::level::warn);
+#ifdef NEEDLE_HAVE_CUDA
+  engine::cuda::RegisterCudaBackend();
+#endif
 
   engine::EngineOptions opts;
   opts.model = absl::GetFlag(FLAGS_model);
   opts.model_seed = absl::GetFlag(FLAGS_model_seed);
   opts.backend = absl::GetFlag(FLAGS_backend);
   opts.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+  opts.kv_cache_fraction = absl::GetFlag(FLAGS_kv_cache_fraction);
   opts.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   opts.engine.stats_log_interval_s = 0;
   const absl::Time t_load = absl::Now();

@@ -1,0 +1,595 @@
+// CudaExecutor: construction (weights, pools, fixed buffers) and the step: one plan upload, the
+// embedding, the layer loop in CpuExecutor's op order, the logits. All work goes to one stream; Run
+// returns after a single synchronisation at the end (the logits copy).
+//
+// Per layer: RMSNorm; q (+bias), gate and K/V GEMMs; RoPE on q and the post-RoPE keys (not the MLP
+// compression's pre-RoPE cmp keys); selection-cache append; window-ring rows of single-token decodes
+// (the decode kernel reads row t from the ring; the slot it overwrites, t - R*P, is outside every
+// window); compressed tokens the step completes; attention (nsa_decode for one-token sequences,
+// nsa_prefill for longer chunks, dense_attention for llama); then the ring appends of the prefill
+// chunks (window) and of every token (staging), after attention because a chunk longer than a ring
+// wraps over rows its own earlier queries read; o_proj accumulating into the residual; RMSNorm;
+// gate|up GEMM; SwiGLU; down GEMM accumulating.
+#include "engine/cuda/cuda_executor.h"
+
+#include <cublasLt.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "engine/base/status_macros.h"
+#include "engine/cuda/cuda_status.h"
+#include "kernels/compress.h"
+#include "kernels/dense_attention.h"
+#include "kernels/embedding.h"
+#include "kernels/gates.h"
+#include "kernels/nsa_decode.h"
+#include "kernels/nsa_prefill.h"
+#include "kernels/rms_norm.h"
+#include "kernels/rope.h"
+#include "kernels/swiglu.h"
+
+namespace needle::engine::cuda {
+namespace {
+
+constexpr int Index(Pool p) { return static_cast<int>(p); }
+
+kernels::NsaKernelGeometry KernelGeometry(const NsaParams& n) {
+  kernels::NsaKernelGeometry g;
+  g.cmp_block = n.cmp_block;
+  g.cmp_stride = n.cmp_stride;
+  g.sel_block = n.sel_block;
+  g.num_selected = n.num_selected;
+  g.forced_initial = n.forced_initial;
+  g.forced_local = n.forced_local;
+  g.window = n.window;
+  return g;
+}
+
+// Row stride of the gate logits: 3H rounded up to 8 elements, so every GEMM output row starts
+// 16-byte aligned (3H is 12 for the tiny presets).
+int64_t GateLogitsStride(const ModelConfig& m) { return (3 * int64_t{m.num_heads} + 7) / 8 * 8; }
+
+// Items the plan buffer is first sized for (a chunk of len tokens completes <= (len-1)/d + 1).
+int MaxItemsBound(const CudaExecutorConfig& c, const ModelConfig& m) {
+  if (!m.IsNsa()) return 0;
+  return c.max_tokens_per_step / std::max(m.nsa.cmp_stride, 1) + c.max_seqs_per_step;
+}
+
+}  // namespace
+
+absl::Status CudaExecutorConfig::Validate() const {
+  if (device < 0) return absl::InvalidArgumentError("CUDA executor: device must be >= 0");
+  if (max_tokens_per_step < 1) return absl::InvalidArgumentError("CUDA executor: max_tokens_per_step must be >= 1");
+  if (max_seqs_per_step < 1) return absl::InvalidArgumentError("CUDA executor: max_seqs_per_step must be >= 1");
+  if (max_context < 0 || max_context > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("CUDA executor: max_context must be in [0, 2^31)");
+  }
+  if (max_logit_rows < 0) return absl::InvalidArgumentError("CUDA executor: max_logit_rows must be >= 0");
+  return absl::OkStatus();
+}
+
+CudaExecutor::CudaExecutor(const ModelConfig& model, const KvCacheConfig& cache, const CudaExecutorConfig& config)
+    : model_(model), config_(config) {
+  if (config_.max_context == 0) config_.max_context = model.max_position_embeddings;
+  if (config_.max_logit_rows == 0) config_.max_logit_rows = config_.max_seqs_per_step;
+  config_.max_logit_rows = std::min(config_.max_logit_rows, config_.max_tokens_per_step);
+  PlanLimits limits;
+  limits.max_tokens = config_.max_tokens_per_step;
+  limits.max_seqs = config_.max_seqs_per_step;
+  limits.max_context = config_.max_context;
+  geo_ = PlanGeometry::For(model, cache, limits);
+  nsa_ = model.IsNsa();
+  mlp_cmp_ = geo_.mlp_cmp;
+  win_pool_ = geo_.HasPool(Pool::kWindow);
+}
+
+absl::StatusOr<std::unique_ptr<CudaExecutor>> CudaExecutor::Create(const ModelWeights& weights,
+                                                                   const KvCacheConfig& cache,
+                                                                   const CudaExecutorConfig& config) {
+  NEEDLE_RETURN_IF_ERROR(config.Validate());
+  NEEDLE_RETURN_IF_ERROR(cache.Validate(weights.config));
+  NEEDLE_RETURN_IF_ERROR(CheckModelSupported(weights.config));
+  std::unique_ptr<CudaExecutor> e(new CudaExecutor(weights.config, cache, config));
+  if (e->config_.max_context < 1 || e->config_.max_context > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("CUDA executor: the context (", e->config_.max_context,
+                                                   ") must be in [1, 2^31)"));
+  }
+  NEEDLE_RETURN_IF_ERROR(e->Init(weights, cache));
+  return e;
+}
+
+absl::Status CudaExecutor::Init(const ModelWeights& weights, const KvCacheConfig& cache) {
+  const ModelConfig& m = model_;
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaSetDevice(config_.device));
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  if (const cublasStatus_t s = cublasLtCreate(&cublas_); s != CUBLAS_STATUS_SUCCESS) {
+    cublas_ = nullptr;
+    return absl::InternalError(absl::StrCat("cublasLtCreate: cublasStatus_t ", static_cast<int>(s)));
+  }
+  NEEDLE_ASSIGN_OR_RETURN(weights_, DeviceWeights::Upload(weights));
+
+  // KV pools, one extra (poison) page each, filled with bf16 NaN (0xFFFF): a read of a row nobody
+  // wrote, or through an unused page-table entry, poisons the result instead of passing silently.
+  const CacheLayout& layout = geo_.layout;
+  const int rows[kNumPools] = {layout.page_tokens, layout.cmp_page_tokens, layout.page_tokens, layout.staging_rows};
+  for (int p = 0; p < kNumPools; ++p) {
+    if (!layout.has_pool[p]) continue;
+    DevicePool& pool = pools_[p];
+    pool.rows = rows[p];
+    pool.k_page_stride = static_cast<int64_t>(m.num_layers) * m.num_kv_heads * pool.rows * m.head_dim_qk;
+    pool.v_page_stride = static_cast<int64_t>(m.num_layers) * m.num_kv_heads * pool.rows * m.head_dim_v;
+    const size_t pages = static_cast<size_t>(cache.num_pages[p]) + 1;
+    const std::string what = absl::StrCat("the ", PoolName(static_cast<Pool>(p)), " KV pool");
+    NEEDLE_RETURN_IF_ERROR(pool.k.Allocate(pages * pool.k_page_stride * sizeof(bf16), what.c_str()));
+    NEEDLE_RETURN_IF_ERROR(pool.v.Allocate(pages * pool.v_page_stride * sizeof(bf16), what.c_str()));
+    NEEDLE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pool.k.get(), 0xFF, pool.k.bytes(), stream_));
+    NEEDLE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pool.v.get(), 0xFF, pool.v.bytes(), stream_));
+  }
+
+  // Activations for max_tokens_per_step rows.
+  const size_t T = static_cast<size_t>(config_.max_tokens_per_step);
+  const size_t D = m.hidden_size, H = m.num_heads, Hkv = m.num_kv_heads, dk = m.head_dim_qk, dv = m.head_dim_v;
+  const size_t b = sizeof(bf16);
+  NEEDLE_RETURN_IF_ERROR(x_.Allocate(T * D * b, "the residual stream"));
+  NEEDLE_RETURN_IF_ERROR(xn_.Allocate(T * D * b, "the normalised activations"));
+  NEEDLE_RETURN_IF_ERROR(q_.Allocate(T * H * dk * b, "the queries"));
+  if (nsa_) {
+    NEEDLE_RETURN_IF_ERROR(gate_logits_.Allocate(T * GateLogitsStride(m) * b, "the gate logits"));
+    NEEDLE_RETURN_IF_ERROR(gates_.Allocate(T * 3 * H * sizeof(float), "the gates"));
+  }
+  for (int br = 0; br < 3; ++br) {
+    const bool used = br == kSlc || (br == kWin && win_pool_) || (br == kCmp && mlp_cmp_);
+    if (!used) continue;
+    NEEDLE_RETURN_IF_ERROR(k_[br].Allocate(T * Hkv * dk * b, "the step's keys"));
+    NEEDLE_RETURN_IF_ERROR(v_[br].Allocate(T * Hkv * dv * b, "the step's values"));
+  }
+  NEEDLE_RETURN_IF_ERROR(attn_.Allocate(T * H * dv * b, "the attention output"));
+  NEEDLE_RETURN_IF_ERROR(mlp_.Allocate(T * 2 * static_cast<size_t>(m.intermediate_size) * b, "the MLP activations"));
+  NEEDLE_RETURN_IF_ERROR(logits_.Allocate(static_cast<size_t>(config_.max_logit_rows) * m.vocab_size * sizeof(float),
+                                          "the logits"));
+  NEEDLE_RETURN_IF_ERROR(gemm_workspace_.Allocate(kernels::GemmWorkspaceBytes(), "the cuBLASLt workspace"));
+  if (mlp_cmp_) {
+    NEEDLE_RETURN_IF_ERROR(EnsureCompressWorkspace(
+        kernels::CompressMlpWorkspaceBytes(MaxItemsBound(config_, m), m.num_kv_heads, m.nsa.cmp_mlp_hidden)));
+  }
+  NEEDLE_RETURN_IF_ERROR(EnsureAttentionWorkspace(config_.max_seqs_per_step, config_.max_tokens_per_step));
+
+  // The plan buffers, sized for a step at the limits whose sequences span the whole context.
+  const std::vector<int64_t> per_seq = layout.PagesFor(config_.max_context);
+  int64_t entries[kNumPools];
+  for (int p = 0; p < kNumPools; ++p) entries[p] = per_seq[p];
+  NEEDLE_RETURN_IF_ERROR(EnsurePlanCapacity(StepPlanBytesBound(geo_, entries)));
+  // The weight copies ran on the legacy stream, which the non-blocking compute stream does not wait for.
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  return absl::OkStatus();
+}
+
+CudaExecutor::~CudaExecutor() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  if (cublas_ != nullptr) cublasLtDestroy(cublas_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+int64_t CudaExecutor::device_bytes() const {
+  int64_t n = weights_ ? static_cast<int64_t>(weights_->bytes()) : 0;
+  for (const DevicePool& p : pools_) n += static_cast<int64_t>(p.k.bytes() + p.v.bytes());
+  for (const DeviceBuffer* b : {&x_, &xn_, &q_, &gate_logits_, &gates_, &attn_, &mlp_, &logits_, &gemm_workspace_,
+                                &compress_workspace_, &attention_workspace_, &plan_dev_}) {
+    n += static_cast<int64_t>(b->bytes());
+  }
+  for (int br = 0; br < 3; ++br) n += static_cast<int64_t>(k_[br].bytes() + v_[br].bytes());
+  return n;
+}
+
+absl::Status CudaExecutor::EnsurePlanCapacity(size_t bytes) {
+  if (bytes <= plan_host_.bytes() && bytes <= plan_dev_.bytes()) return absl::OkStatus();
+  // The previous step's upload may still read the pinned buffer.
+  if (stream_ != nullptr) NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  const size_t n = std::max(bytes, 2 * plan_host_.bytes());
+  NEEDLE_RETURN_IF_ERROR(plan_host_.Allocate(n, "the step plan (host)"));
+  NEEDLE_RETURN_IF_ERROR(plan_dev_.Allocate(n, "the step plan (device)"));
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::EnsureCompressWorkspace(size_t bytes) {
+  if (bytes <= compress_workspace_.bytes()) return absl::OkStatus();
+  if (stream_ != nullptr) NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return compress_workspace_.Allocate(std::max(bytes, 2 * compress_workspace_.bytes()), "the compression workspace");
+}
+
+absl::Status CudaExecutor::EnsureAttentionWorkspace(int num_decodes, int num_tokens) {
+  const int hkv = model_.num_kv_heads, G = model_.GroupSize();
+  const int ctx = static_cast<int>(config_.max_context);
+  size_t bytes = 0;
+  if (nsa_) {
+    bytes = std::max(kernels::NsaDecodeWorkspaceBytes(num_decodes, hkv, G, ctx),
+                     kernels::NsaPrefillWorkspaceBytes(num_tokens, hkv, G, ctx));
+  } else {
+    bytes = kernels::DenseAttentionWorkspaceBytes(num_tokens, hkv, G, ctx);
+  }
+  if (bytes <= attention_workspace_.bytes()) return absl::OkStatus();
+  if (stream_ != nullptr) NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return attention_workspace_.Allocate(bytes, "the attention workspace");
+}
+
+kernels::PagedPool CudaExecutor::KPool(Pool p, int layer) const {
+  const DevicePool& d = pools_[Index(p)];
+  kernels::PagedPool pool;
+  pool.base = d.k.as<bf16>();
+  pool.page_stride = d.k_page_stride;
+  pool.layer = layer;
+  pool.num_kv_heads = model_.num_kv_heads;
+  pool.rows_per_page = d.rows;
+  pool.head_dim = model_.head_dim_qk;
+  return pool;
+}
+
+kernels::PagedPool CudaExecutor::VPool(Pool p, int layer) const {
+  const DevicePool& d = pools_[Index(p)];
+  kernels::PagedPool pool;
+  pool.base = d.v.as<bf16>();
+  pool.page_stride = d.v_page_stride;
+  pool.layer = layer;
+  pool.num_kv_heads = model_.num_kv_heads;
+  pool.rows_per_page = d.rows;
+  pool.head_dim = model_.head_dim_v;
+  return pool;
+}
+
+kernels::PagedKvCache CudaExecutor::Cache(Pool p, int layer, const StepPlanLayout& sp, int seq0) const {
+  const DevicePool& d = pools_[Index(p)];
+  const int64_t layer_rows = static_cast<int64_t>(layer) * model_.num_kv_heads * d.rows;
+  kernels::PagedKvCache c;
+  c.k = d.k.as<const bf16>() + layer_rows * model_.head_dim_qk;
+  c.v = d.v.as<const bf16>() + layer_rows * model_.head_dim_v;
+  c.k_page_stride = d.k_page_stride;
+  c.v_page_stride = d.v_page_stride;
+  c.page_table = Plan<const int32_t>(sp.tables[Index(p)]) + static_cast<int64_t>(seq0) * sp.table_stride[Index(p)];
+  c.table_stride = sp.table_stride[Index(p)];
+  c.page_rows = d.rows;
+  c.ring_pages = p == Pool::kWindow ? geo_.layout.window_ring_pages : 0;
+  return c;
+}
+
+absl::Status CudaExecutor::Gemm(int64_t rows, int64_t in, int64_t out, const bf16* x, int64_t x_stride,
+                                const bf16* w, const bf16* bias, void* y, int64_t y_stride,
+                                kernels::GemmOutput y_type, bool accumulate) {
+  kernels::GemmParams p;
+  p.rows = rows;
+  p.in = in;
+  p.out = out;
+  p.x = x;
+  p.x_stride = x_stride;
+  p.w = w;
+  p.w_stride = in;
+  p.bias = bias;
+  p.y = y;
+  p.y_stride = y_stride;
+  p.y_type = y_type;
+  p.accumulate = accumulate;
+  NEEDLE_CUDA_RETURN_IF_ERROR(
+      kernels::LaunchGemm(cublas_, p, gemm_workspace_.get(), gemm_workspace_.bytes(), stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::Run(const StepPlan& plan, StepOutput* out) {
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaSetDevice(config_.device));
+  NEEDLE_ASSIGN_OR_RETURN(StepPlanLayout sp, LayoutStepPlan(plan, geo_));
+  const int64_t V = model_.vocab_size;
+  out->vocab = static_cast<int>(V);
+  out->first_row = sp.first_row;
+  // NaN until the device's rows arrive: a row that is never copied cannot pass for a result.
+  out->logits.assign(static_cast<size_t>(sp.num_logit_rows) * V, std::numeric_limits<float>::quiet_NaN());
+  if (sp.num_tokens == 0) return absl::OkStatus();
+
+  // Nothing of an earlier (possibly failed) step may still be reading the pinned plan buffer.
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  NEEDLE_RETURN_IF_ERROR(EnsurePlanCapacity(sp.bytes));
+  if (mlp_cmp_) {
+    NEEDLE_RETURN_IF_ERROR(EnsureCompressWorkspace(
+        kernels::CompressMlpWorkspaceBytes(sp.num_items, model_.num_kv_heads, model_.nsa.cmp_mlp_hidden)));
+  }
+  NEEDLE_RETURN_IF_ERROR(EnsureAttentionWorkspace(sp.num_decodes, sp.num_tokens));
+  WriteStepPlan(plan, geo_, sp, plan_host_.get());
+  NEEDLE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(plan_dev_.get(), plan_host_.get(), sp.bytes, cudaMemcpyHostToDevice, stream_));
+
+  kernels::EmbeddingParams emb;
+  emb.num_tokens = sp.num_tokens;
+  emb.vocab = model_.vocab_size;
+  emb.hidden = model_.hidden_size;
+  emb.token_ids = Plan<const int32_t>(sp.token_ids);
+  emb.table = weights_->embed();
+  emb.out = x_.as<bf16>();
+  emb.out_stride = model_.hidden_size;
+  NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(emb, stream_));
+
+  for (int layer = 0; layer < model_.num_layers; ++layer) {
+    NEEDLE_RETURN_IF_ERROR(WithContext(RunLayer(layer, sp), absl::StrCat("CUDA executor, layer ", layer)));
+  }
+  NEEDLE_RETURN_IF_ERROR(WithContext(ComputeLogits(sp, out), "CUDA executor, logits"));
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
+  const ModelConfig& m = model_;
+  const DeviceLayer& W = weights_->layer(layer);
+  const int T = sp.num_tokens, nd = sp.num_decodes, ns = sp.num_seqs;
+  const int64_t D = m.hidden_size, H = m.num_heads, Hkv = m.num_kv_heads, dk = m.head_dim_qk, dv = m.head_dim_v;
+  const int64_t I = m.intermediate_size;
+  const int64_t kw = Hkv * dk, vw = Hkv * dv;  // widths of one token's K and V rows
+  bf16* x = x_.as<bf16>();
+  bf16* xn = xn_.as<bf16>();
+  bf16* q = q_.as<bf16>();
+  bf16* attn = attn_.as<bf16>();
+  bf16* mlp = mlp_.as<bf16>();
+  float* gates = gates_.as<float>();
+
+  // Pre-attention RMSNorm.
+  kernels::RmsNormParams norm;
+  norm.num_rows = T;
+  norm.hidden = static_cast<int>(D);
+  norm.eps = m.norm_eps;
+  norm.x = x;
+  norm.x_stride = D;
+  norm.weight = W.attn_norm;
+  norm.y = xn;
+  norm.y_stride = D;
+  NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(norm, stream_));
+
+  // Projections.
+  NEEDLE_RETURN_IF_ERROR(Gemm(T, D, H * dk, xn, D, W.q_proj, W.q_bias, q, H * dk, kernels::GemmOutput::kBf16, false));
+  if (nsa_) {
+    const int64_t gs = GateLogitsStride(m);
+    NEEDLE_RETURN_IF_ERROR(Gemm(T, D, 3 * H, xn, D, W.g_proj, nullptr, gate_logits_.get(), gs,
+                                kernels::GemmOutput::kBf16, false));
+    kernels::GateSigmoidParams g;
+    g.num_tokens = T;
+    g.num_heads = static_cast<int>(H);
+    g.logits = gate_logits_.as<const bf16>();
+    g.logits_stride = gs;
+    g.gates = gates;
+    NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchGateSigmoid(g, stream_));
+  }
+  for (int b = 0; b < 3; ++b) {
+    if (k_[b].get() == nullptr) continue;
+    NEEDLE_RETURN_IF_ERROR(Gemm(T, D, kw, xn, D, W.k_proj[b], b == kSlc ? W.k_bias : nullptr, k_[b].get(), kw,
+                                kernels::GemmOutput::kBf16, false));
+    NEEDLE_RETURN_IF_ERROR(Gemm(T, D, vw, xn, D, W.v_proj[b], b == kSlc ? W.v_bias : nullptr, v_[b].get(), vw,
+                                kernels::GemmOutput::kBf16, false));
+  }
+  bf16* k_slc = k_[kSlc].as<bf16>();
+  bf16* v_slc = v_[kSlc].as<bf16>();
+  bf16* k_win = k_[kWin].as<bf16>();
+  bf16* v_win = v_[kWin].as<bf16>();
+
+  // RoPE: q and the selection keys in one launch, the window keys (independent K/V) in another. The
+  // MLP compression's cmp keys stay pre-RoPE.
+  kernels::RopeParams rope;
+  rope.num_tokens = T;
+  rope.head_dim = static_cast<int>(dk);
+  rope.theta = m.rope_theta;
+  rope.q = q;
+  rope.q_stride = H * dk;
+  rope.num_q_heads = static_cast<int>(H);
+  rope.k = k_slc;
+  rope.k_stride = kw;
+  rope.num_k_heads = static_cast<int>(Hkv);
+  rope.positions = Plan<const int32_t>(sp.positions);
+  NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRope(rope, stream_));
+  if (win_pool_) {
+    rope.q = nullptr;
+    rope.num_q_heads = 0;
+    rope.k = k_win;
+    NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRope(rope, stream_));
+  }
+
+  // Selection cache (the whole cache of a dense model).
+  kernels::KvAppendParams app;
+  app.num_tokens = T;
+  app.k = k_slc;
+  app.k_stride = kw;
+  app.v = v_slc;
+  app.v_stride = vw;
+  app.slots = Plan<const int64_t>(sp.sel_slots);
+  app.k_pool = KPool(Pool::kSelection, layer);
+  app.v_pool = VPool(Pool::kSelection, layer);
+  NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchKvAppend(app, stream_));
+
+  // Window-ring rows of single-token decodes, which the decode kernel reads from the ring.
+  kernels::KvAppendParams win_app;
+  if (win_pool_) {
+    win_app.k_stride = kw;
+    win_app.v_stride = vw;
+    win_app.k_pool = KPool(Pool::kWindow, layer);
+    win_app.v_pool = VPool(Pool::kWindow, layer);
+    if (nd > 0) {
+      win_app.num_tokens = nd;
+      win_app.k = k_win;
+      win_app.v = v_win;
+      win_app.slots = Plan<const int64_t>(sp.win_slots);
+      NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchKvAppend(win_app, stream_));
+    }
+  }
+
+  // Compressed tokens completed in this step.
+  if (nsa_ && sp.num_items > 0) {
+    kernels::CompressSource src;
+    const Pool src_pool = mlp_cmp_ ? Pool::kStaging : Pool::kSelection;
+    src.k_pool = KPool(src_pool, layer);
+    src.v_pool = VPool(src_pool, layer);
+    src.page_table = Plan<const int32_t>(sp.tables[Index(src_pool)]);
+    if (mlp_cmp_) {
+      src.ring_pages = 1;
+      src.k_tail = k_[kCmp].as<const bf16>();
+      src.k_tail_stride = kw;
+      src.v_tail = v_[kCmp].as<const bf16>();
+      src.v_tail_stride = vw;
+      kernels::CompressMlpParams c;
+      c.num_items = sp.num_items;
+      c.items = Plan<const kernels::CompressItem>(sp.items);
+      c.block_len = m.nsa.cmp_block;
+      c.hidden = m.nsa.cmp_mlp_hidden;
+      c.rope_theta = m.rope_theta;
+      c.src = src;
+      c.k_dst = KPool(Pool::kCompressed, layer);
+      c.v_dst = VPool(Pool::kCompressed, layer);
+      c.k_pos = W.cmp_k_pos;
+      c.k_fc1 = W.cmp_k_fc1;
+      c.k_fc2 = W.cmp_k_fc2;
+      c.v_pos = W.cmp_v_pos;
+      c.v_fc1 = W.cmp_v_fc1;
+      c.v_fc2 = W.cmp_v_fc2;
+      NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchCompressMlp(c, compress_workspace_.get(), stream_));
+    } else {
+      kernels::CompressMeanParams c;
+      c.num_items = sp.num_items;
+      c.items = Plan<const kernels::CompressItem>(sp.items);
+      c.block_len = m.nsa.cmp_block;
+      c.src = src;
+      c.k_dst = KPool(Pool::kCompressed, layer);
+      c.v_dst = VPool(Pool::kCompressed, layer);
+      NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchCompressMean(c, stream_));
+    }
+  }
+
+  // Attention.
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dk)));
+  if (!nsa_) {
+    kernels::DenseAttentionParams a;
+    a.q = q;
+    a.out = attn;
+    a.cu_tokens = Plan<const int32_t>(sp.cu_tokens);
+    a.start_pos = Plan<const int32_t>(sp.start_pos);
+    a.num_seqs = ns;
+    a.num_tokens = T;
+    a.num_heads = static_cast<int>(H);
+    a.num_kv_heads = static_cast<int>(Hkv);
+    a.head_dim_qk = static_cast<int>(dk);
+    a.head_dim_v = static_cast<int>(dv);
+    a.softmax_scale = scale;
+    a.kv = Cache(Pool::kSelection, layer, sp, 0);
+    NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchDenseAttention(a, attention_workspace_.get(), stream_));
+  } else {
+    const kernels::NsaKernelGeometry geometry = KernelGeometry(m.nsa);
+    if (nd > 0) {
+      kernels::NsaDecodeParams a;
+      a.q = q;
+      a.gates = gates;
+      a.gate_dtype = kernels::GateDType::kFp32;
+      a.out = attn;
+      a.positions = Plan<const int32_t>(sp.positions);
+      a.num_seqs = nd;
+      a.num_heads = static_cast<int>(H);
+      a.num_kv_heads = static_cast<int>(Hkv);
+      a.head_dim_qk = static_cast<int>(dk);
+      a.head_dim_v = static_cast<int>(dv);
+      a.max_context = static_cast<int>(config_.max_context);
+      a.softmax_scale = scale;
+      a.geometry = geometry;
+      a.compressed = Cache(Pool::kCompressed, layer, sp, 0);
+      a.selection = Cache(Pool::kSelection, layer, sp, 0);
+      if (win_pool_) a.window = Cache(Pool::kWindow, layer, sp, 0);
+      a.shared_kv = !win_pool_;
+      NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchNsaDecode(a, attention_workspace_.get(), stream_));
+    }
+    if (nd < ns) {
+      kernels::NsaPrefillParams a;
+      a.q = q + static_cast<int64_t>(nd) * H * dk;
+      a.gates = gates + static_cast<int64_t>(nd) * H * 3;
+      a.gate_dtype = kernels::GateDType::kFp32;
+      a.out = attn + static_cast<int64_t>(nd) * H * dv;
+      a.cu_tokens = Plan<const int32_t>(sp.prefill_cu_tokens);
+      a.start_pos = Plan<const int32_t>(sp.start_pos) + nd;
+      a.num_seqs = ns - nd;
+      a.num_tokens = T - nd;
+      a.num_heads = static_cast<int>(H);
+      a.num_kv_heads = static_cast<int>(Hkv);
+      a.head_dim_qk = static_cast<int>(dk);
+      a.head_dim_v = static_cast<int>(dv);
+      a.max_context = static_cast<int>(config_.max_context);
+      a.softmax_scale = scale;
+      a.geometry = geometry;
+      a.compressed = Cache(Pool::kCompressed, layer, sp, nd);
+      a.selection = Cache(Pool::kSelection, layer, sp, nd);
+      if (win_pool_) {
+        a.window = Cache(Pool::kWindow, layer, sp, nd);
+        a.window_k_chunk = k_win + static_cast<int64_t>(nd) * kw;
+        a.window_v_chunk = v_win + static_cast<int64_t>(nd) * vw;
+      }
+      a.shared_kv = !win_pool_;
+      NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchNsaPrefill(a, attention_workspace_.get(), stream_));
+    }
+  }
+
+  // Ring writes after attention: the prefill chunks' window rows, every token's staging rows.
+  if (win_pool_ && nd < T) {
+    win_app.num_tokens = T - nd;
+    win_app.k = k_win + static_cast<int64_t>(nd) * kw;
+    win_app.v = v_win + static_cast<int64_t>(nd) * vw;
+    win_app.slots = Plan<const int64_t>(sp.win_slots) + nd;
+    NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchKvAppend(win_app, stream_));
+  }
+  if (mlp_cmp_) {
+    kernels::KvAppendParams stg;
+    stg.num_tokens = T;
+    stg.k = k_[kCmp].as<const bf16>();
+    stg.k_stride = kw;
+    stg.v = v_[kCmp].as<const bf16>();
+    stg.v_stride = vw;
+    stg.slots = Plan<const int64_t>(sp.stg_slots);
+    stg.k_pool = KPool(Pool::kStaging, layer);
+    stg.v_pool = VPool(Pool::kStaging, layer);
+    NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchKvAppend(stg, stream_));
+  }
+
+  // Output projection into the residual, then the MLP.
+  NEEDLE_RETURN_IF_ERROR(Gemm(T, H * dv, D, attn, H * dv, W.o_proj, nullptr, x, D, kernels::GemmOutput::kBf16, true));
+  norm.weight = W.mlp_norm;
+  NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(norm, stream_));
+  NEEDLE_RETURN_IF_ERROR(Gemm(T, D, 2 * I, xn, D, W.gate_up, nullptr, mlp, 2 * I, kernels::GemmOutput::kBf16, false));
+  kernels::SwiGluParams act;
+  act.num_tokens = T;
+  act.width = static_cast<int>(I);
+  act.gate = mlp;
+  act.gate_stride = 2 * I;
+  act.up = mlp + I;
+  act.up_stride = 2 * I;
+  act.out = mlp;
+  act.out_stride = 2 * I;
+  NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchSwiGlu(act, stream_));
+  NEEDLE_RETURN_IF_ERROR(Gemm(T, I, D, mlp, 2 * I, W.down_proj, nullptr, x, D, kernels::GemmOutput::kBf16, true));
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::ComputeLogits(const StepPlanLayout& sp, StepOutput* out) {
+  const int64_t D = model_.hidden_size, V = model_.vocab_size;
+  const int chunk = config_.max_logit_rows;
+  for (int r0 = 0; r0 < sp.num_logit_rows; r0 += chunk) {
+    const int n = std::min(chunk, sp.num_logit_rows - r0);
+    kernels::RmsNormParams norm;
+    norm.num_rows = n;
+    norm.hidden = static_cast<int>(D);
+    norm.eps = model_.norm_eps;
+    norm.x = x_.as<const bf16>();
+    norm.x_stride = D;
+    norm.weight = weights_->final_norm();
+    norm.row_index = Plan<const int32_t>(sp.logit_rows) + r0;
+    norm.y = xn_.as<bf16>();
+    norm.y_stride = D;
+    NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(norm, stream_));
+    NEEDLE_RETURN_IF_ERROR(Gemm(n, D, V, xn_.as<const bf16>(), D, weights_->lm_head(), nullptr, logits_.get(), V,
+                                kernels::GemmOutput::kFp32, false));
+    // Stream-ordered: the next pass's GEMM waits for this copy.
+    NEEDLE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data() + static_cast<int64_t>(r0) * V, logits_.get(),
+                                                static_cast<size_t>(n) * V * sizeof(float), cudaMemcpyDeviceToHost,
+                                                stream_));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace needle::engine::cuda

@@ -1,0 +1,112 @@
+// CudaExecutor: the whole model on one GPU behind the Executor interface, with the CpuExecutor's
+// semantics and op order (engine/cpu_executor.cc) in bf16 storage with fp32 accumulation. It owns the
+// device copy of the weights, the KV pools the KvCacheManager's page ids index (docs/kv-cache.md's
+// layout, bf16), fixed activation buffers sized for the step limits, the step plan buffers (one pinned
+// host buffer, one device copy), a cuBLASLt handle and one compute stream. It never sees requests,
+// sampling or pool accounting. Structure, memory and tolerances: docs/cuda-executor.md.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "engine/cuda/device_memory.h"
+#include "engine/cuda/device_weights.h"
+#include "engine/cuda/step_plan.h"
+#include "engine/executor.h"
+#include "engine/kv_cache.h"
+#include "engine/weights.h"
+#include "kernels/gemm.h"
+#include "kernels/kv_append.h"
+#include "kernels/paged_kv.h"
+
+namespace needle::engine::cuda {
+
+struct CudaExecutorConfig {
+  int device = 0;                 // CUDA device ordinal
+  int max_tokens_per_step = 2048; // tokens of one step, all sequences together (activation buffers)
+  int max_seqs_per_step = 256;    // sequences of one step
+  int64_t max_context = 0;        // positions must stay below it; 0: the model's max_position_embeddings
+  int max_logit_rows = 0;         // rows of the device logits buffer; 0: max_seqs_per_step. Steps
+                                  // needing more (all_logits) compute logits in passes of this many
+
+  absl::Status Validate() const;
+};
+
+class CudaExecutor final : public Executor {
+ public:
+  // Checks the model is supported (UNIMPLEMENTED otherwise), uploads the weights and allocates the
+  // pools `cache` describes plus the step buffers. The host weights are not referenced afterwards.
+  static absl::StatusOr<std::unique_ptr<CudaExecutor>> Create(const ModelWeights& weights,
+                                                              const KvCacheConfig& cache,
+                                                              const CudaExecutorConfig& config = {});
+  ~CudaExecutor() override;
+
+  const char* name() const override { return "cuda"; }
+  // Runs the step and copies its logits to `out`; returns after the device is done. A CUDA error is
+  // returned as INTERNAL naming the call (and the layer); the caches are undefined afterwards.
+  absl::Status Run(const StepPlan& plan, StepOutput* out) override;
+
+  // Device bytes held: weights, KV pools, activations and workspaces.
+  int64_t device_bytes() const;
+
+ private:
+  // One pool's K and V arrays: (num_pages + 1) pages of [layers][Hkv][rows][d]; the last page is the
+  // poison page (bf16 NaN) that unused page-table entries point at.
+  struct DevicePool {
+    DeviceBuffer k, v;
+    int rows = 0;
+    int64_t k_page_stride = 0, v_page_stride = 0;  // elements
+  };
+
+  CudaExecutor(const ModelConfig& model, const KvCacheConfig& cache, const CudaExecutorConfig& config);
+  absl::Status Init(const ModelWeights& weights, const KvCacheConfig& cache);
+  absl::Status EnsurePlanCapacity(size_t bytes);
+  absl::Status EnsureCompressWorkspace(size_t bytes);
+  // Attention workspace for a step of these sizes (the kernels' *WorkspaceBytes queries).
+  absl::Status EnsureAttentionWorkspace(int num_decodes, int num_tokens);
+  absl::Status RunLayer(int layer, const StepPlanLayout& sp);
+  absl::Status ComputeLogits(const StepPlanLayout& sp, StepOutput* out);
+  absl::Status Gemm(int64_t rows, int64_t in, int64_t out, const bf16* x, int64_t x_stride, const bf16* w,
+                    const bf16* bias, void* y, int64_t y_stride, kernels::GemmOutput y_type, bool accumulate);
+
+  kernels::PagedPool KPool(Pool p, int layer) const;
+  kernels::PagedPool VPool(Pool p, int layer) const;
+  // The attention kernels' view of pool p at `layer`, page-table rows from internal sequence `seq0`.
+  kernels::PagedKvCache Cache(Pool p, int layer, const StepPlanLayout& sp, int seq0) const;
+  template <class T>
+  T* Plan(size_t offset) const {
+    return PlanAt<T>(plan_dev_.get(), offset);
+  }
+
+  ModelConfig model_;
+  CudaExecutorConfig config_;
+  PlanGeometry geo_;
+  bool nsa_ = false, mlp_cmp_ = false, win_pool_ = false;
+
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t cublas_ = nullptr;
+  std::unique_ptr<DeviceWeights> weights_;
+  DevicePool pools_[kNumPools];
+
+  // Activations, [max_tokens_per_step][width] bf16 unless noted.
+  DeviceBuffer x_;         // residual stream [hidden]
+  DeviceBuffer xn_;        // normalised input of the current sub-block [hidden]
+  DeviceBuffer q_;         // [H*d_k], post-RoPE
+  DeviceBuffer gate_logits_;  // [3H] (NSA)
+  DeviceBuffer gates_;     // fp32 [H][3] (NSA), sigmoided
+  DeviceBuffer k_[3], v_[3];  // branch K/V [H_kv*d_k] / [H_kv*d_v]; shared K/V uses index kSlc only
+  DeviceBuffer attn_;      // attention output [H*d_v]
+  DeviceBuffer mlp_;       // [2I]: gate | up, then silu(gate)*up in the gate half
+  DeviceBuffer logits_;    // fp32 [max_logit_rows][vocab]
+  DeviceBuffer gemm_workspace_;
+  DeviceBuffer compress_workspace_;
+  DeviceBuffer attention_workspace_;
+
+  PinnedBuffer plan_host_;
+  DeviceBuffer plan_dev_;
+};
+
+}  // namespace needle::engine::cuda
