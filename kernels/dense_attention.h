@@ -37,15 +37,41 @@ struct DenseAttentionParams {
   float softmax_scale = 0.0f;  // 1 / sqrt(d_k)
 
   PagedKvCache kv;  // rows: positions; ring_pages must be 0
+
+  // Split-KV decode path only (cu_tokens == nullptr): an upper bound on start_pos[s] + 1 over the
+  // batch (0: unknown, the single-kernel path runs); a query at or beyond it gets NaN outputs.
+  int max_context = 0;
+  // Split-KV path only: 0 picks the chunks (64 rows each) per thread block from the batch shape and
+  // the device; k > 0 makes every split k chunks (tests and tuning).
+  int chunks_per_split = 0;
 };
 
 bool DenseAttentionSupported(int head_dim_qk, int head_dim_v, int group_size);
 
-// Device workspace LaunchDenseAttention needs (0 today: no split-KV yet).
+// Device workspace the three-argument LaunchDenseAttention needs: 0. The split-KV decode path needs
+// DenseAttentionSplitKvWorkspaceBytes.
 size_t DenseAttentionWorkspaceBytes(int num_tokens, int num_kv_heads, int group_size, int max_context);
 
 // One thread block per (query token, KV head). cudaErrorInvalidValue for unsupported or
 // inconsistent params (nothing launched); otherwise the launch status.
 cudaError_t LaunchDenseAttention(const DenseAttentionParams& params, void* workspace, cudaStream_t stream);
+
+// Whether the split-KV decode path runs these head dims and group size (today d_k/d_v 192/128,
+// 128/128 and 64/64, G <= 64).
+bool DenseAttentionSplitKvSupported(int head_dim_qk, int head_dim_v, int group_size);
+
+// Device workspace of the split-KV decode path for these params (sizes and max_context are used,
+// pointers are not) on the current device; 0 when the path does not apply (prefill chunks,
+// max_context 0, unsupported shape). Size it for the largest batch and context: a launch with a
+// smaller workspace uses fewer splits.
+size_t DenseAttentionSplitKvWorkspaceBytes(const DenseAttentionParams& params);
+
+// Decode split across thread blocks: chunks of 64 rows per block, the G heads of a group packed as
+// the rows of tensor-core tiles, partial softmax states merged by log-sum-exp in a second kernel.
+// Runs the single-kernel path when workspace is null, for prefill chunks, max_context 0, an
+// unsupported shape, or a workspace too small for one split per sequence. The workspace needs no
+// initialisation and must not be shared with concurrent work.
+cudaError_t LaunchDenseAttention(const DenseAttentionParams& params, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream);
 
 }  // namespace needle::kernels

@@ -66,17 +66,40 @@ struct NsaDecodeParams {
   PagedKvCache window;
   // true: the window branch reads the selection cache (shared branch K/V, FLA `nsa`/`llama-nsa`).
   bool shared_kv = true;
+  // Split-KV path only: 0 picks the chunks (64 rows each) per thread block from the batch shape and
+  // the device; k > 0 makes every split k chunks (tests and tuning).
+  int chunks_per_split = 0;
 };
 
 // Whether the kernels are instantiated for these head dims (d_k/d_v pairs 64/64, 128/128, 192/128,
 // 16/16, 32/32, 24/16) and group size (1..64). Refuse a model at load when this is false.
 bool NsaDecodeSupported(int head_dim_qk, int head_dim_v, int group_size);
 
-// Device workspace LaunchNsaDecode needs (0 today: the kernel keeps its scratch in shared memory).
+// Device workspace the three-argument LaunchNsaDecode needs: 0 (the single-kernel path keeps its
+// scratch in shared memory). The split-KV path needs NsaDecodeSplitKvWorkspaceBytes.
 size_t NsaDecodeWorkspaceBytes(int num_seqs, int num_kv_heads, int group_size, int max_context);
 
-// Enqueues the decode attention on `stream`. cudaErrorInvalidValue for unsupported or inconsistent
-// params (nothing is launched then); otherwise the launch status.
+// Enqueues the decode attention on `stream` with the single-kernel path: one thread block per
+// (sequence, KV head). cudaErrorInvalidValue for unsupported or inconsistent params (nothing is
+// launched then); otherwise the launch status.
 cudaError_t LaunchNsaDecode(const NsaDecodeParams& params, void* workspace, cudaStream_t stream);
+
+// Whether the split-KV path runs these head dims and group size (today d_k/d_v 192/128 and 64/64,
+// G <= 64). Other supported shapes run the single-kernel path.
+bool NsaDecodeSplitKvSupported(int head_dim_qk, int head_dim_v, int group_size);
+
+// Device workspace for the split-KV path with these params (sizes, geometry and max_context are used,
+// pointers are not) on the current device; 0 when the path does not apply. Size it once for the
+// largest batch and context: a launch with a smaller workspace cuts its work into fewer splits.
+size_t NsaDecodeSplitKvWorkspaceBytes(const NsaDecodeParams& params);
+
+// The same attention, split across thread blocks (kernels/nsa_decode_split.cuh: compressed + window
+// attention and block scores, top-n, selected attention, merge with the gated sum; four kernels
+// chained with programmatic dependent launch, capturable in a CUDA graph). Runs the single-kernel
+// path instead when workspace is null, the shape is not split-KV supported, or workspace_bytes is
+// below what even one split per branch needs. The workspace needs no initialisation; it must not be
+// shared with work running concurrently.
+cudaError_t LaunchNsaDecode(const NsaDecodeParams& params, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream);
 
 }  // namespace needle::kernels

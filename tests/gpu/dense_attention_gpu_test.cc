@@ -50,7 +50,14 @@ std::vector<SeqSpec> DecodeAt(const std::vector<int>& positions) {
   return s;
 }
 
-void RunDenseCase(const DenseCase& c, bool decode) {
+// Decode launch path: the single-kernel path (no workspace), or the split-KV path with automatic
+// splits (kAutoSplits) or k chunks (64 rows) per split.
+constexpr int kSingleKernel = -1;
+constexpr int kAutoSplits = 0;
+
+// split_chunks picks the decode path; max_context_slack is added to the batch's largest position + 1
+// to form params.max_context (an upper bound, not necessarily tight).
+void RunDenseCase(const DenseCase& c, bool decode, int split_chunks = kSingleKernel, int max_context_slack = 0) {
   SCOPED_TRACE("case " + c.name + (decode ? " (decode)" : " (prefill)") + " seed " + std::to_string(c.seed));
   std::mt19937_64 rng(c.seed);
   const int hkv = c.num_kv_heads, G = c.group, H = hkv * G, dk = c.dk, dv = c.dv;
@@ -100,8 +107,26 @@ void RunDenseCase(const DenseCase& c, bool decode) {
   p.head_dim_v = dv;
   p.softmax_scale = scale;
   p.kv = cache.view;
-  ASSERT_EQ(DenseAttentionWorkspaceBytes(num_tokens, hkv, G, 1), 0u);
-  NEEDLE_CUDA_ASSERT(LaunchDenseAttention(p, nullptr, nullptr));
+  DeviceArray<uint8_t> d_workspace;
+  if (split_chunks == kSingleKernel) {
+    ASSERT_EQ(DenseAttentionWorkspaceBytes(num_tokens, hkv, G, 1), 0u);
+    NEEDLE_CUDA_ASSERT(LaunchDenseAttention(p, nullptr, nullptr));
+  } else {
+    ASSERT_TRUE(decode);
+    ASSERT_TRUE(DenseAttentionSplitKvSupported(dk, dv, G));
+    p.max_context = static_cast<int>(*std::max_element(rows.begin(), rows.end())) + max_context_slack;
+    p.chunks_per_split = split_chunks;
+    const size_t bytes = DenseAttentionSplitKvWorkspaceBytes(p);
+    ASSERT_GT(bytes, 0u);
+    NEEDLE_CUDA_ASSERT(d_workspace.Allocate(bytes));
+    NEEDLE_CUDA_ASSERT(d_workspace.Fill(0xFF));  // NaN garbage: the path needs no initialisation
+    NEEDLE_CUDA_ASSERT(LaunchDenseAttention(p, d_workspace.get(), bytes, nullptr));
+    std::vector<uint8_t> ws;
+    NEEDLE_CUDA_ASSERT(cudaDeviceSynchronize());
+    NEEDLE_CUDA_ASSERT(d_workspace.Download(&ws));
+    ASSERT_TRUE(std::any_of(ws.begin(), ws.end(), [](uint8_t b) { return b != 0xFF; }))
+        << "the split-KV path did not run";
+  }
   NEEDLE_CUDA_ASSERT(cudaDeviceSynchronize());
   std::vector<uint16_t> out_bits;
   NEEDLE_CUDA_ASSERT(d_out.Download(&out_bits));
@@ -162,6 +187,43 @@ TEST(DenseAttentionGpuTest, DecodeLongContext) {
   }
 }
 
+// The split-KV decode path: GQA-packed tensor-core tiles, splits merged by log-sum-exp.
+TEST(DenseAttentionGpuTest, SplitKvDecode) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<DenseCase> cases = {
+      {"d64 G1", 64, 64, 4, 1, DecodeAt(kPositions)},
+      {"d128 G4", 128, 128, 2, 4, DecodeAt(kPositions)},
+      {"d192/128 G16", 192, 128, 2, 16, DecodeAt(kPositions)},
+      {"d192/128 G32", 192, 128, 1, 32, DecodeAt(kPositions)},
+      {"d64 G64", 64, 64, 1, 64, DecodeAt({0, 63, 64, 1000})},
+      {"d128 G3 pages16", 128, 128, 2, 3, DecodeAt(kPositions), 16},
+      {"d128 G16 pages128", 128, 128, 2, 16, DecodeAt(kPositions), 128},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    DenseCase c = cases[i];
+    c.seed = 1700 + i;
+    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, kAutoSplits));
+    c.seed += 50;
+    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, 1, /*max_context_slack=*/100));
+    c.seed += 50;
+    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, 3));
+  }
+}
+
+TEST(DenseAttentionGpuTest, SplitKvDecodeLongContext) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<DenseCase> cases = {
+      {"d192/128 G16 64k", 192, 128, 1, 16, DecodeAt({65535})},
+      {"d128 G16 128k+20k", 128, 128, 1, 16, DecodeAt({131071, 20000})},
+      {"d64 G16 128k", 64, 64, 1, 16, DecodeAt({131071})},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    DenseCase c = cases[i];
+    c.seed = 1800 + i;
+    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, kAutoSplits));
+  }
+}
+
 TEST(DenseAttentionGpuTest, PrefillChunks) {
   NEEDLE_SKIP_WITHOUT_GPU();
   const std::vector<DenseCase> cases = {
@@ -190,6 +252,10 @@ TEST(DenseAttentionGpuTest, RejectsUnsupportedParams) {
   p.head_dim_qk = 64;
   p.head_dim_v = 64;
   EXPECT_EQ(LaunchDenseAttention(p, nullptr, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchDenseAttention(p, nullptr, 0, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(DenseAttentionSplitKvWorkspaceBytes(p), 0u);
+  EXPECT_TRUE(DenseAttentionSplitKvSupported(128, 128, 16));
+  EXPECT_FALSE(DenseAttentionSplitKvSupported(24, 16, 2));
 }
 
 }  // namespace

@@ -161,9 +161,16 @@ std::string CheckSelection(const std::vector<int64_t>& got, const std::vector<in
   return "";
 }
 
+// How a decode case is launched: the single-kernel path (no workspace), or the split-KV path with
+// automatic splits (kAutoSplits) or k chunks per split.
+constexpr int kSingleKernel = -1;
+constexpr int kAutoSplits = 0;
+
 // Runs one case through the decode kernel (every sequence has len 1 and decode = true) or the
-// prefill kernel, and checks every output element and the selected blocks.
-void RunNsaCase(const NsaCase& c, bool decode) {
+// prefill kernel, and checks every output element and the selected blocks. split_chunks picks the
+// decode path; workspace_divisor > 1 hands the split path a workspace that much smaller than it asks
+// for (it must cut coarser splits and stay correct).
+void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel, int workspace_divisor = 1) {
   SCOPED_TRACE("case " + c.name + (decode ? " (decode)" : " (prefill)") + " seed " + std::to_string(c.seed));
   std::mt19937_64 rng(c.seed);
   const int hkv = c.num_kv_heads, G = c.group, H = hkv * G, dk = c.dk, dv = c.dv;
@@ -263,6 +270,7 @@ void RunNsaCase(const NsaCase& c, bool decode) {
   }
 
   DeviceArray<uint16_t> d_q, d_gates_bf16, d_out, d_wk, d_wv;
+  DeviceArray<uint8_t> d_workspace;
   DeviceArray<float> d_gates_f32;
   DeviceArray<int32_t> d_cu, d_start, d_sel;
   NEEDLE_CUDA_ASSERT(d_q.Upload(gpu_test::ToBf16Bits(q)));
@@ -305,8 +313,26 @@ void RunNsaCase(const NsaCase& c, bool decode) {
     p.selection = sel_cache.view;
     p.window = win_cache.view;
     p.shared_kv = c.shared_kv;
-    ASSERT_EQ(NsaDecodeWorkspaceBytes(num_seqs, hkv, G, max_context), 0u);
-    NEEDLE_CUDA_ASSERT(LaunchNsaDecode(p, nullptr, nullptr));
+    if (split_chunks == kSingleKernel) {
+      ASSERT_EQ(NsaDecodeWorkspaceBytes(num_seqs, hkv, G, max_context), 0u);
+      NEEDLE_CUDA_ASSERT(LaunchNsaDecode(p, nullptr, nullptr));
+    } else {
+      ASSERT_TRUE(NsaDecodeSplitKvSupported(dk, dv, G));
+      p.chunks_per_split = split_chunks;
+      const size_t wanted = NsaDecodeSplitKvWorkspaceBytes(p);
+      ASSERT_GT(wanted, 0u);
+      const size_t bytes = wanted / workspace_divisor;
+      // Garbage (NaN floats) in the workspace: the path needs no initialisation.
+      NEEDLE_CUDA_ASSERT(d_workspace.Allocate(bytes));
+      NEEDLE_CUDA_ASSERT(d_workspace.Fill(0xFF));
+      NEEDLE_CUDA_ASSERT(LaunchNsaDecode(p, d_workspace.get(), bytes, nullptr));
+      // The split path (not the single-kernel fallback) ran: it left partial states behind.
+      std::vector<uint8_t> ws;
+      NEEDLE_CUDA_ASSERT(cudaDeviceSynchronize());
+      NEEDLE_CUDA_ASSERT(d_workspace.Download(&ws));
+      ASSERT_TRUE(std::any_of(ws.begin(), ws.end(), [](uint8_t b) { return b != 0xFF; }))
+          << "the split-KV path did not run";
+    }
   } else {
     NsaPrefillParams p;
     p.q = q_ptr;
@@ -483,6 +509,121 @@ TEST(NsaDecodeGpuTest, LongContext) {
   }
 }
 
+// ---- Decode, split-KV path ------------------------------------------------------------------------
+//
+// The same cases and checks through the four split kernels, with automatic splits and with one chunk
+// (64 rows) per split, which spreads even short contexts over many thread blocks, many of them empty
+// for the shorter sequences of a batch.
+
+std::vector<NsaCase> SplitKvCases() {
+  const NsaKernelGeometry tiny_paper{8, 4, 16, 4, 1, 2, 32};
+  const NsaKernelGeometry tiny_llama_nsa{16, 16, 16, 3, 0, 1, 32};
+  return {
+      {"paper d192/128 G16 ring", PaperGeometry(), 192, 128, 2, 16, false, DecodeAt(kPaperPositions)},
+      {"paper d192/128 G16 shared fp32-gates pages128 cmp-pages32", PaperGeometry(), 192, 128, 2, 16, true,
+       DecodeAt(kPaperPositions), 128, 32, GateDType::kFp32},
+      {"paper d64 G1 ring", PaperGeometry(), 64, 64, 3, 1, false, DecodeAt(kPaperPositions)},
+      {"paper d192/128 G3 ring pages16", PaperGeometry(), 192, 128, 2, 3, false, DecodeAt({0, 47, 127, 1024, 2000}),
+       16, 16},
+      {"fla d64 G16 shared", FlaGeometry(1, 2), 64, 64, 4, 16, true, DecodeAt(kFlaPositions)},
+      {"fla forced current d64 G4 ring", FlaGeometry(0, 1), 64, 64, 2, 4, false, DecodeAt(kFlaPositions)},
+      {"fla no forced d192/128 G16 shared", FlaGeometry(0, 0), 192, 128, 2, 16, true, DecodeAt(kFlaPositions)},
+      {"tiny-nsa-paper geometry d64 G16 ring pages32", tiny_paper, 64, 64, 2, 16, false,
+       DecodeAt({0, 6, 7, 11, 15, 16, 31, 33, 63, 64, 100, 250, 301}), 32, 16},
+      {"tiny-llama-nsa geometry d64 G8 shared pages16", tiny_llama_nsa, 64, 64, 1, 8, true,
+       DecodeAt({0, 15, 16, 47, 48, 100, 301}), 16, 16},
+  };
+}
+
+TEST(NsaDecodeSplitKvGpuTest, AutomaticSplits) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<NsaCase> cases = SplitKvCases();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 1100 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+  }
+}
+
+TEST(NsaDecodeSplitKvGpuTest, OneChunkPerSplit) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<NsaCase> cases = SplitKvCases();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 1200 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, 1));
+  }
+}
+
+TEST(NsaDecodeSplitKvGpuTest, SplitCountsAndSmallWorkspace) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  NsaCase c{"paper d192/128 G16 ring", PaperGeometry(), 192, 128, 2, 16, false, DecodeAt({1087, 3001, 4095, 200})};
+  for (int cps : {2, 3, 7}) {
+    c.seed = 1300 + cps;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, cps));
+  }
+  c.seed = 1310;
+  ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, 1, /*workspace_divisor=*/3));
+}
+
+// G > 16: two and four 16-row head tiles per KV group (48 pads to 64).
+TEST(NsaDecodeSplitKvGpuTest, LargeGroups) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<NsaCase> cases = {
+      {"paper d192/128 G32 shared", PaperGeometry(), 192, 128, 1, 32, true, DecodeAt({0, 31, 47, 64, 1087, 3001})},
+      {"fla d64 G64 shared fp32-gates", FlaGeometry(1, 2), 64, 64, 1, 64, true, DecodeAt({0, 63, 64, 1100, 2047}),
+       64, 64, GateDType::kFp32},
+      {"paper d64 G48 ring", PaperGeometry(), 64, 64, 1, 48, false, DecodeAt({5, 513, 1500, 2047})},
+      {"paper d192/128 G64 ring", PaperGeometry(), 192, 128, 1, 64, false, DecodeAt({1023, 1500})},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 1400 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+    c.seed += 50;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, 1));
+  }
+}
+
+TEST(NsaDecodeSplitKvGpuTest, TiesGoToLowerBlockIndex) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  std::vector<NsaCase> cases = {
+      {"ties paper d192/128 G16", PaperGeometry(), 192, 128, 2, 16, true, DecodeAt({1100, 2047, 3000})},
+      {"ties fla d64 G16", FlaGeometry(1, 2), 64, 64, 1, 16, false, DecodeAt({1100, 2047})},
+      {"ties fla no forced d64 G1", FlaGeometry(0, 0), 64, 64, 1, 1, true, DecodeAt({1100, 2047})},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    cases[i].zero_cmp_keys = true;
+    cases[i].seed = 1500 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(cases[i], /*decode=*/true, 1));
+  }
+}
+
+// 64k and 128k contexts, and a batch mixing long and short sequences.
+TEST(NsaDecodeSplitKvGpuTest, LongContext) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<NsaCase> cases = {
+      {"paper d192/128 G16 ring 64k", PaperGeometry(), 192, 128, 1, 16, false, DecodeAt({65535})},
+      {"paper d192/128 G16 ring 128k", PaperGeometry(), 192, 128, 1, 16, false, DecodeAt({131071})},
+      {"fla d64 G16 shared 128k+1k", FlaGeometry(1, 2), 64, 64, 1, 16, true, DecodeAt({131071, 1000})},
+      {"paper d64 G4 shared 64k+16k+5", PaperGeometry(), 64, 64, 2, 4, true, DecodeAt({65535, 16383, 5})},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 1600 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+  }
+}
+
+TEST(NsaDecodeSplitKvGpuTest, Batch) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  std::vector<int> positions;
+  for (int s = 0; s < 24; ++s) positions.push_back(s * 331 % 6000);
+  NsaCase c{"paper d192/128 G16 ring batch 24", PaperGeometry(), 192, 128, 2, 16, false, DecodeAt(positions)};
+  c.seed = 1700;
+  ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+}
+
 // ---- Prefill ---------------------------------------------------------------------------------
 
 TEST(NsaPrefillGpuTest, Chunks) {
@@ -522,6 +663,12 @@ TEST(NsaDecodeGpuTest, RejectsUnsupportedParams) {
   p.head_dim_qk = 96;
   p.head_dim_v = 96;
   EXPECT_EQ(LaunchNsaDecode(p, nullptr, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchNsaDecode(p, nullptr, 0, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(NsaDecodeSplitKvWorkspaceBytes(p), 0u);
+  EXPECT_TRUE(NsaDecodeSplitKvSupported(192, 128, 16));
+  EXPECT_TRUE(NsaDecodeSplitKvSupported(64, 64, 64));
+  EXPECT_FALSE(NsaDecodeSplitKvSupported(24, 16, 2));
+  EXPECT_FALSE(NsaDecodeSplitKvSupported(64, 64, 65));
 }
 
 }  // namespace

@@ -1,0 +1,495 @@
+// NSA decode, split-KV path: the kernels and the host plan behind LaunchNsaDecode when the caller
+// passes a workspace (kernels/nsa_decode.h). One decode step is four launches, chained with
+// programmatic dependent launch so each one's start overlaps the previous one's tail:
+//
+//   1. NsaPartialKernel (compressed + window phase): CTAs over (sequence, KV head, run) attend a run
+//      of the pair's compressed chunks followed by its window chunks (splitkv::AttendChunks; one wave
+//      of equal runs) and leave a partial softmax state per branch. Compressed chunks are cut at
+//      selection-block boundaries and also load the few earlier compressed tokens that overlap their
+//      first block, so each chunk scores its blocks completely: per head, the log2 of the block's
+//      unnormalised probability mass (lb) goes to the workspace (for l = d = l' it is the score).
+//   2. NsaSelectKernel: one CTA per (sequence, KV head) merges the compressed splits' (max, sum) into
+//      each head's log-sum-exp, turns lb into normalised block scores summed over the G heads, forces
+//      the fixed blocks, radix-selects the top n (ties to the lower index) and writes the ascending
+//      block ids (workspace and, if asked, params.selected_blocks).
+//   3. NsaPartialKernel (selected phase): CTAs over (sequence, KV head, split) attend the selected
+//      blocks' rows <= t.
+//   4. NsaMergeKernel: one CTA per query head merges each branch's partial states (log-sum-exp
+//      weights) and writes the gated sum: the gate multiplies the merge weights, so the combine costs
+//      nothing extra.
+//
+// Everything the four kernels share about a launch is NsaSplitArgs (params, plan, workspace views).
+// CUDA only; included by kernels/nsa_decode.cu.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/attention_common.cuh"
+#include "kernels/nsa_decode.h"
+#include "kernels/split_kv_attention.cuh"
+
+namespace needle::kernels::detail::nsa_split {
+
+using splitkv::ChunkRange;
+using splitkv::kRows;
+
+constexpr int kPhaseCompressedWindow = 0;
+constexpr int kPhaseSelected = 1;
+constexpr int kSelectThreads = 256;
+using splitkv::kMergeThreads;
+
+// How one launch is cut: chunks per split (cps) and splits per (sequence, KV head) of each branch,
+// sized from max_context, and where each workspace array starts.
+struct NsaSplitPlan {
+  int blocks_per_chunk = 0;  // selection blocks per compressed-branch chunk
+  int max_blocks = 0;        // selection blocks of a query at max_context - 1
+  int lb_stride = 0;         // floats per (pair, head) row of lb: max_blocks rounded up to 4
+  bool score = false;        // some query may have more blocks than n (block scores needed)
+  // Kernel 1 cuts each pair's compressed chunks followed by its window chunks (cmp_chunks + window
+  // chunks, sized for max_context) into k1_splits runs of k1_cps chunks; run s leaves its compressed
+  // part in slot s and its window part in slot k1_splits + s (empty states where it has none).
+  int cmp_chunks = 0, k1_cps = 1, k1_splits = 0;
+  int cmp_splits = 0, win_splits = 0;  // slots of each branch: k1_splits, and k1_splits or 0
+  int slc_cps = 1, slc_splits = 0;
+  size_t ml_offset = 0, acc_offset = 0, lb_offset = 0, sel_offset = 0, bytes = 0;
+
+  __host__ __device__ int Slots() const { return cmp_splits + win_splits + slc_splits; }
+};
+
+struct NsaSplitArgs {
+  NsaDecodeParams p;
+  NsaSplitPlan plan;
+  splitkv::PartialStates states;  // slots: compressed splits, then window, then selected
+  float* lb = nullptr;            // [pairs][G][lb_stride] log2 block masses (when plan.score)
+  int32_t* sel = nullptr;         // [pairs][num_selected] ascending block ids, -1 in unused slots
+};
+
+__device__ __forceinline__ int64_t NumCompressed(const NsaKernelGeometry& g, int64_t t) {
+  return t + 1 < g.cmp_block ? 0 : (t + 1 - g.cmp_block) / g.cmp_stride + 1;
+}
+
+// First compressed token that overlaps selection block j: i d + l > j l'.
+__host__ __device__ __forceinline__ int64_t FirstOverlappingToken(const NsaKernelGeometry& g, int64_t j) {
+  const int64_t x = j * g.sel_block - g.cmp_block;
+  return x < 0 ? 0 : x / g.cmp_stride + 1;
+}
+
+// First compressed token that starts in block j or later: i d >= j l'. Block j "owns" the tokens
+// starting inside it; they are attended by the chunk holding block j.
+__host__ __device__ __forceinline__ int64_t FirstOwnedToken(const NsaKernelGeometry& g, int64_t j) {
+  return (j * g.sel_block + g.cmp_stride - 1) / g.cmp_stride;
+}
+
+// ---- Kernels 1 and 3 ------------------------------------------------------------------------------
+
+template <int DK, int DV>
+__global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const NsaSplitArgs a, int phase) {
+  extern __shared__ __align__(16) char smem[];
+  using Tile = splitkv::Tile<DK, DV>;
+  // The selected phase starts only once the select kernel has passed its own wait, so everything
+  // before this step (queries, caches, positions) is complete; it waits just before reading the
+  // selection. The compressed + window phase reads the step's inputs right away and waits first.
+  if (phase != kPhaseSelected) WaitForPrerequisiteGrids();
+  AllowDependentLaunch();
+  const NsaDecodeParams& p = a.p;
+  const NsaSplitPlan& plan = a.plan;
+  const NsaKernelGeometry& geo = p.geometry;
+  const int pairs = p.num_seqs * p.num_kv_heads;
+  const int pair = blockIdx.x % pairs, item = blockIdx.x / pairs;
+  const int seq = pair / p.num_kv_heads, kv_head = pair % p.num_kv_heads;
+  const int G = p.num_heads / p.num_kv_heads;
+  const int64_t t = p.positions[seq];
+  const bool valid = t >= 0 && t < p.max_context;
+  const bf16* q = p.q + (static_cast<int64_t>(seq) * p.num_heads + static_cast<int64_t>(kv_head) * G) * DK;
+  const float scale_log2 = p.softmax_scale * splitkv::kLog2e;
+  char* aux = smem + Tile::kAuxOffset;
+  const splitkv::PartialStates& ps = a.states;
+  const int64_t lp = geo.sel_block;
+  auto same_row = [](int64_t f) { return f; };
+  auto no_scores = [](int, const ChunkRange&) {};
+
+  if (phase == kPhaseSelected) {
+    const int slot = plan.cmp_splits + plan.win_splits + item;
+    const int n = geo.num_selected;
+    int32_t* sel = reinterpret_cast<int32_t*>(aux);
+    WaitForPrerequisiteGrids();
+    for (int i = threadIdx.x; i < n; i += splitkv::kThreads) sel[i] = valid ? a.sel[static_cast<int64_t>(pair) * n + i] : -1;
+    __syncthreads();
+    int ns = 0;
+    while (ns < n && sel[ns] >= 0) ++ns;
+    // Ascending ids: only the last block can be partial (the current one).
+    const int64_t rows = ns == 0 ? 0 : (ns - 1) * lp + MinI64(lp, t + 1 - static_cast<int64_t>(sel[ns - 1]) * lp);
+    const int chunks = static_cast<int>((rows + kRows - 1) / kRows);
+    const int c0 = item * plan.slc_cps;
+    const int count = max(0, min(c0 + plan.slc_cps, chunks) - c0);
+    auto chunk_of = [=](int c) {
+      const int64_t b = static_cast<int64_t>(c0 + c) * kRows;
+      return ChunkRange{b, b, MinI64(rows, b + kRows)};
+    };
+    auto selected_row = [=](int64_t f) { return static_cast<int64_t>(sel[f / lp]) * lp + f % lp; };
+    splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.selection, seq, kv_head, DK, DV), count, chunk_of,
+                                  selected_row, smem, splitkv::ScoreSink{}, no_scores, ps.ml + ps.Index(pair, slot),
+                                  ps.acc + ps.Index(pair, slot) * DV);
+    return;
+  }
+
+  // Kernel 1: run `item` of the pair's compressed chunks followed by its window chunks.
+  const int v0 = item * plan.k1_cps, v1 = v0 + plan.k1_cps;
+  {
+    const int slot = item;
+    const int64_t nb = valid ? t / lp + 1 : 0;
+    const int64_t nc = valid ? NumCompressed(geo, t) : 0;
+    const int B = plan.blocks_per_chunk;
+    const int chunks = static_cast<int>((nb + B - 1) / B);
+    const int c0 = v0;
+    const int count = max(0, min(min(v1, plan.cmp_chunks), chunks) - c0);
+    auto blocks_of = [=](int c, int64_t* ja, int64_t* jb) {
+      *ja = static_cast<int64_t>(c0 + c) * B;
+      *jb = MinI64(*ja + B, nb);
+    };
+    auto chunk_of = [=](int c) {
+      int64_t ja, jb;
+      blocks_of(c, &ja, &jb);
+      const int64_t end = MinI64(FirstOwnedToken(geo, jb), nc);
+      const int64_t attend = MinI64(FirstOwnedToken(geo, ja), end);
+      return ChunkRange{MinI64(FirstOverlappingToken(geo, ja), attend), attend, end};
+    };
+    const bool scoring = plan.score && nb > geo.num_selected && nc > 0;
+    float* lb_pair = a.lb + static_cast<int64_t>(pair) * G * plan.lb_stride;
+    splitkv::ScoreSink sink;
+    // l = d = l' (FLA): compressed token j is block j and its mass is its own score, so the scores go
+    // straight to lb; a block with no complete compressed token yet (the current one) gets -inf.
+    const bool identity = geo.cmp_block == geo.cmp_stride && geo.cmp_stride == geo.sel_block;
+    if (scoring && identity) {
+      sink.rows = lb_pair;
+      sink.row_stride = plan.lb_stride;
+      const int64_t j_lo = MaxI64(nc, static_cast<int64_t>(c0) * B);
+      const int64_t j_hi = MinI64(nb, static_cast<int64_t>(c0 + count) * B);
+      for (int64_t i = threadIdx.x; i < (j_hi - j_lo) * G; i += splitkv::kThreads) {
+        lb_pair[(i % G) * plan.lb_stride + j_lo + i / G] = -INFINITY;
+      }
+    } else if (scoring) {
+      sink.tile = reinterpret_cast<float*>(aux);
+    }
+    float* tile = sink.tile;
+    // lb[h][j] = log2 sum_i exp2(s_hi) |[i d, i d + l) ∩ [j l', (j+1) l')| / d over the chunk's tokens
+    // overlapping block j, which are all of them (the chunk starts at its first block's first
+    // overlapping token). Token and row indices fit in 32 bits (positions are int32).
+    auto block_masses = [&](int c, const ChunkRange& r) {
+      int64_t ja64, jb64;
+      blocks_of(c, &ja64, &jb64);
+      const int ja = static_cast<int>(ja64), nblk = static_cast<int>(jb64 - ja64);
+      const int cl = geo.cmp_block, cd = geo.cmp_stride, sl = geo.sel_block;
+      const int sb = static_cast<int>(r.score_begin), end = static_cast<int>(r.end);
+      const float inv_d = 1.0f / static_cast<float>(cd);
+      for (int i = threadIdx.x; i < G * nblk; i += splitkv::kThreads) {
+        const int h = i / nblk, j = ja + (i - h * nblk);
+        const int x = j * sl - cl;
+        const int lo = max(x < 0 ? 0 : x / cd + 1, sb);
+        const int hi = min(((j + 1) * sl + cd - 1) / cd, end);  // exclusive: first token owned by j + 1
+        const float* srow = tile + h * splitkv::kScoreStride - sb;
+        float mx = -INFINITY;
+        for (int k = lo; k < hi; ++k) mx = fmaxf(mx, srow[k]);
+        float sum = 0.0f;
+        for (int k = lo; k < hi; ++k) {
+          const int overlap = min(k * cd + cl, (j + 1) * sl) - max(k * cd, j * sl);
+          sum += exp2f(srow[k] - mx) * static_cast<float>(overlap);
+        }
+        lb_pair[h * plan.lb_stride + j] = sum > 0.0f ? mx + log2f(sum * inv_d) : -INFINITY;
+      }
+    };
+    splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
+                                  same_row, smem, sink, block_masses, ps.ml + ps.Index(pair, slot),
+                                  ps.acc + ps.Index(pair, slot) * DV);
+  }
+  if (plan.win_splits == 0) return;
+  const int slot = plan.k1_splits + item;
+  const int64_t begin = MaxI64(0, t - geo.window + 1);
+  const int64_t rows = valid && geo.window > 0 ? t + 1 - begin : 0;
+  const int chunks = static_cast<int>((rows + kRows - 1) / kRows);
+  const int c0 = max(v0 - plan.cmp_chunks, 0);
+  const int count = max(0, min(v1 - plan.cmp_chunks, chunks) - c0);
+  auto chunk_of = [=](int c) {
+    const int64_t b = begin + static_cast<int64_t>(c0 + c) * kRows;
+    return ChunkRange{b, b, MinI64(begin + rows, b + kRows)};
+  };
+  const RowSource src = PagedRows(p.shared_kv ? p.selection : p.window, seq, kv_head, DK, DV);
+  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, count, chunk_of, same_row, smem, splitkv::ScoreSink{},
+                                no_scores, ps.ml + ps.Index(pair, slot), ps.acc + ps.Index(pair, slot) * DV);
+}
+
+// ---- Kernel 2 -------------------------------------------------------------------------------------
+
+// Exclusive prefix sum of x over the block in thread order; *total receives the sum. Every thread of
+// the kSelectThreads-thread block must call it.
+__device__ inline int BlockExclusiveSum(int x, int* scratch, int* total) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  int inclusive = x;
+#pragma unroll
+  for (int o = 1; o < kWarpSize; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += y;
+  }
+  if (lane == kWarpSize - 1) scratch[warp] = inclusive;
+  __syncthreads();
+  int before = 0, sum = 0;
+  for (int w = 0; w < kSelectThreads / kWarpSize; ++w) {
+    const int v = scratch[w];
+    if (w < warp) before += v;
+    sum += v;
+  }
+  __syncthreads();
+  *total = sum;
+  return before + inclusive - x;
+}
+
+// Dynamic shared memory: keys [max_blocks] u32, lse [G] f32.
+__global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplitArgs a) {
+  extern __shared__ __align__(16) char smem[];
+  __shared__ int hist[256];
+  __shared__ int scratch[kSelectThreads / kWarpSize];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_need;
+  const NsaDecodeParams& p = a.p;
+  const NsaKernelGeometry& geo = p.geometry;
+  const int pair = blockIdx.x, seq = pair / p.num_kv_heads;
+  const int G = p.num_heads / p.num_kv_heads, n = geo.num_selected;
+  int32_t* ws_sel = a.sel + static_cast<int64_t>(pair) * n;
+  int32_t* pub = p.selected_blocks == nullptr ? nullptr : p.selected_blocks + static_cast<int64_t>(pair) * n;
+  const int64_t t = p.positions[seq];  // a step input: complete before this kernel could start
+  const bool valid = t >= 0 && t < p.max_context;
+  const int nb = valid ? static_cast<int>(t / geo.sel_block + 1) : 0;
+  WaitForPrerequisiteGrids();
+  AllowDependentLaunch();
+  if (nb <= n) {  // every block (none for an invalid query)
+    for (int i = threadIdx.x; i < n; i += kSelectThreads) {
+      const int32_t v = i < nb ? i : -1;
+      ws_sel[i] = v;
+      if (pub != nullptr) pub[i] = v;
+    }
+    return;
+  }
+  uint32_t* keys = reinterpret_cast<uint32_t*>(smem);
+  float* lse = reinterpret_cast<float*>(keys + a.plan.lb_stride);
+  const int64_t nc = NumCompressed(geo, t);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  for (int h = warp; h < G; h += kSelectThreads / kWarpSize) {  // a warp per head, lanes over splits
+    float m = -INFINITY, l = 0.0f;
+    for (int s = lane; s < a.plan.cmp_splits; s += kWarpSize) {
+      const float2 v = a.states.ml[a.states.Index(pair, s) + h];
+      if (v.y > 0.0f) {
+        const float m_new = fmaxf(m, v.x);
+        l = l * exp2f(m - m_new) + v.y * exp2f(v.x - m_new);
+        m = m_new;
+      }
+    }
+#pragma unroll
+    for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+      const float m_other = __shfl_xor_sync(0xffffffffu, m, o), l_other = __shfl_xor_sync(0xffffffffu, l, o);
+      const float m_new = fmaxf(m, m_other);
+      if (m_new != -INFINITY) l = l * exp2f(m - m_new) + l_other * exp2f(m_other - m_new);
+      m = m_new;
+    }
+    if (lane == 0) lse[h] = m + log2f(l);
+  }
+  __syncthreads();
+  // Keys: forced blocks above every score; scores are >= 0 floats, whose bits order like the values.
+  // Each thread scores 4 consecutive blocks from 16-byte loads of every head's lb row.
+  const int64_t current = nb - 1;
+  const float* lb = a.lb + static_cast<int64_t>(pair) * G * a.plan.lb_stride;
+  for (int j0 = 4 * threadIdx.x; j0 < nb; j0 += 4 * kSelectThreads) {
+    float4 score = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (nc > 0) {
+#pragma unroll 8
+      for (int h = 0; h < G; ++h) {
+        const float4 v = *reinterpret_cast<const float4*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + j0);
+        const float x = lse[h];
+        score.x += exp2f(v.x - x);
+        score.y += exp2f(v.y - x);
+        score.z += exp2f(v.z - x);
+        score.w += exp2f(v.w - x);
+      }
+    }
+    const float sc[4] = {score.x, score.y, score.z, score.w};
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + u;
+      if (j >= nb) break;
+      const bool forced = j < geo.forced_initial || j > current - geo.forced_local;
+      keys[j] = forced ? 0xFFFFFFFFu : __float_as_uint(sc[u]);
+    }
+  }
+  __syncthreads();
+
+  // Radix select, 8 bits at a time from the top: the n-th largest key `prefix`, and how many keys
+  // equal to it are taken (`need`; those with the lowest block ids).
+  uint32_t prefix = 0;
+  int need = n;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    const uint32_t high = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+    hist[threadIdx.x] = 0;  // kSelectThreads == 256 bins
+    __syncthreads();
+    for (int j = threadIdx.x; j < nb; j += kSelectThreads) {
+      const uint32_t k = keys[j];
+      if ((k & high) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < kWarpSize) {
+      const int lane = threadIdx.x;  // owns digits 255 - 8 lane down to 248 - 8 lane
+      int local = 0;
+      for (int b = 0; b < 8; ++b) local += hist[255 - 8 * lane - b];
+      int inclusive = local;
+#pragma unroll
+      for (int o = 1; o < kWarpSize; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (lane >= o) inclusive += y;
+      }
+      int above = inclusive - local;  // keys with a larger digit
+      for (int b = 0; b < 8; ++b) {
+        const int digit = 255 - 8 * lane - b;
+        const int cnt = hist[digit];
+        if (above < need && above + cnt >= need) {
+          s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+          s_need = need - above;
+        }
+        above += cnt;
+      }
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+  }
+
+  // Ordered compaction: keys above the threshold, and the first `need` equal ones, in block order.
+  const int per = (nb + kSelectThreads - 1) / kSelectThreads;
+  const int j0 = min(nb, static_cast<int>(threadIdx.x) * per), j1 = min(nb, j0 + per);
+  int equal = 0;
+  for (int j = j0; j < j1; ++j) equal += keys[j] == prefix;
+  int total = 0;
+  const int equal_before = BlockExclusiveSum(equal, scratch, &total);
+  int taken = 0;
+  for (int j = j0, r = equal_before; j < j1; ++j) {
+    const uint32_t k = keys[j];
+    if (k > prefix || (k == prefix && r++ < need)) ++taken;
+  }
+  int pos = BlockExclusiveSum(taken, scratch, &total);
+  for (int j = j0, r = equal_before; j < j1; ++j) {
+    const uint32_t k = keys[j];
+    if (k > prefix || (k == prefix && r++ < need)) {
+      ws_sel[pos] = j;
+      if (pub != nullptr) pub[pos] = j;
+      ++pos;
+    }
+  }
+}
+
+// ---- Kernel 4 -------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kMergeThreads) NsaMergeKernel(const NsaSplitArgs a) {
+  __shared__ float weights[3 * splitkv::kMaxSplits];
+  __shared__ __align__(16) float reduce[kMergeThreads * 4];
+  const NsaDecodeParams& p = a.p;
+  const int G = p.num_heads / p.num_kv_heads;
+  const int pair = blockIdx.x / G, h = blockIdx.x % G;
+  const int seq = pair / p.num_kv_heads, kv_head = pair % p.num_kv_heads;
+  const int64_t head = static_cast<int64_t>(seq) * p.num_heads + static_cast<int64_t>(kv_head) * G + h;
+  bf16* out = p.out + head * p.head_dim_v;
+  const int64_t t = p.positions[seq];
+  if (t < 0 || t >= p.max_context) {
+    for (int c = threadIdx.x; c < p.head_dim_v; c += kMergeThreads) out[c] = __float2bfloat16(NAN);
+    return;
+  }
+  // Gates and positions are step inputs, complete before this kernel could start: it starts only
+  // after every selected-phase CTA started, which happens only after the select kernel passed its
+  // wait, i.e. after the compressed + window kernel (which waited for the step's inputs) completed.
+  // The partial states need the wait.
+  const void* gates = GatesAt(p.gates, p.gate_dtype, head);
+  // Slot order is (compressed, window, selected); the gates are stored (cmp, slc, win).
+  const float gate[3] = {LoadGate(gates, p.gate_dtype, 0), LoadGate(gates, p.gate_dtype, 2),
+                         LoadGate(gates, p.gate_dtype, 1)};
+  WaitForPrerequisiteGrids();
+  const int begin[4] = {0, a.plan.cmp_splits, a.plan.cmp_splits + a.plan.win_splits, a.plan.Slots()};
+  splitkv::MergeBranches<3>(a.states, pair, h, begin, gate, weights, reduce, out);
+}
+
+// ---- Host plan ------------------------------------------------------------------------------------
+
+// The most selection blocks a compressed chunk can hold: its owned tokens plus the earlier tokens
+// overlapping its first block must fit in kRows rows. 0 if not even one block fits.
+inline int CmpBlocksPerChunk(const NsaKernelGeometry& g) {
+  // Once j l' >= l no index is clamped at 0, and shifting the first block by d shifts every token
+  // index by l': d + 1 consecutive starts from there (and the clamped ones before) cover all.
+  const int64_t unclamped = g.cmp_block / g.sel_block + 1;
+  for (int b = kRows; b >= 1; --b) {
+    bool fits = true;
+    for (int64_t ja = 0; ja <= unclamped + g.cmp_stride && fits; ++ja) {
+      fits = FirstOwnedToken(g, ja + b) - FirstOverlappingToken(g, ja) <= kRows;
+    }
+    if (fits) return b;
+  }
+  return 0;
+}
+
+// Dynamic shared memory of kernels 1/3 (the larger of the score tile and the selected-id list).
+template <int DK, int DV>
+size_t PartialSmemBytes(int G, int num_selected, bool score) {
+  const size_t tile = score ? static_cast<size_t>(splitkv::HeadTiles(G)) * 16 * splitkv::kScoreStride * 4 : 0;
+  const size_t ids = static_cast<size_t>(num_selected) * 4;
+  return splitkv::Tile<DK, DV>::kAuxOffset + (tile > ids ? tile : ids);
+}
+
+inline size_t SelectSmemBytes(int lb_stride, int G) { return (static_cast<size_t>(lb_stride) + G) * 4; }
+
+// The plan for p on a device with `ctas_per_wave` resident partial-kernel CTAs, using at most
+// `limit` workspace bytes: the heuristic split sizes, made coarser (fewer slots) until the workspace
+// fits. false when even one split per branch does not fit, or the geometry cannot be chunked.
+inline bool MakeNsaSplitPlan(const NsaDecodeParams& p, int dv, int ctas_per_wave, int forced_cps, size_t limit,
+                             NsaSplitPlan* out) {
+  using splitkv::AlignUp;
+  using splitkv::CeilDiv;
+  const NsaKernelGeometry& geo = p.geometry;
+  NsaSplitPlan plan;
+  plan.blocks_per_chunk = CmpBlocksPerChunk(geo);
+  if (plan.blocks_per_chunk < 1 || p.max_context < 1 || ctas_per_wave < 1) return false;
+  const int G = p.num_heads / p.num_kv_heads, n = geo.num_selected;
+  const int64_t pairs = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads;
+  plan.max_blocks = (p.max_context - 1) / geo.sel_block + 1;
+  plan.lb_stride = (plan.max_blocks + 3) / 4 * 4;
+  plan.score = plan.max_blocks > n;
+  const int cmp_chunks = CeilDiv(plan.max_blocks, plan.blocks_per_chunk);
+  const int win_chunks = geo.window > 0 ? CeilDiv(geo.window < p.max_context ? geo.window : p.max_context, kRows) : 0;
+  const int slc_chunks = CeilDiv(static_cast<int64_t>(n < plan.max_blocks ? n : plan.max_blocks) * geo.sel_block, kRows);
+  plan.cmp_chunks = cmp_chunks;
+  // Kernel 1 and 3: one wave of CTAs, each pair's chunks cut into equal runs (a run may cross from
+  // the compressed chunks into the window chunks); fewer, longer runs when the workspace is short.
+  const int k1_base = splitkv::ChunksPerSplitOneWave(cmp_chunks + win_chunks, pairs, ctas_per_wave, forced_cps);
+  const int slc_base = splitkv::ChunksPerSplitOneWave(slc_chunks, pairs, ctas_per_wave, forced_cps);
+  for (int64_t coarsen = 1;; coarsen *= 2) {
+    auto cps = [&](int base, int chunks) {
+      const int64_t c = base * coarsen;
+      return static_cast<int>(c < chunks ? c : (chunks > 0 ? chunks : 1));
+    };
+    plan.k1_cps = cps(k1_base, cmp_chunks + win_chunks);
+    plan.slc_cps = cps(slc_base, slc_chunks);
+    plan.k1_splits = CeilDiv(cmp_chunks + win_chunks, plan.k1_cps);
+    plan.cmp_splits = plan.k1_splits;
+    plan.win_splits = win_chunks > 0 ? plan.k1_splits : 0;
+    plan.slc_splits = CeilDiv(slc_chunks, plan.slc_cps);
+    const size_t states = static_cast<size_t>(pairs) * plan.Slots() * G;
+    plan.ml_offset = 0;
+    plan.acc_offset = AlignUp(states * sizeof(float2));
+    plan.lb_offset = plan.acc_offset + AlignUp(states * dv * sizeof(float));
+    plan.sel_offset = plan.lb_offset + (plan.score ? AlignUp(static_cast<size_t>(pairs) * G * plan.lb_stride * 4) : 0);
+    plan.bytes = plan.sel_offset + AlignUp(static_cast<size_t>(pairs) * n * 4);
+    if (plan.bytes <= limit) break;
+    if (plan.k1_splits <= 1 && plan.slc_splits <= 1) return false;
+  }
+  *out = plan;
+  return true;
+}
+
+}  // namespace needle::kernels::detail::nsa_split

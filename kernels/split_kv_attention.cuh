@@ -1,0 +1,443 @@
+// Split-KV decode attention building blocks shared by the NSA decode and dense decode kernels: one
+// thread block (CTA) attends the G query heads of one KV group over a run of 64-row chunks of a paged
+// row list and leaves a partial softmax state (max, sum, unnormalised output) in a workspace slot;
+// a merge combines the slots of a branch with log-sum-exp weights. CUDA only (.cu files include it).
+// It owns the tiling and the mergeable state; which rows a split covers, and what a branch means, is
+// the calling kernel's business.
+//
+// Tiling: K and V rows of a chunk go global -> shared with 16-byte cp.async (two chunks in flight
+// per CTA), rows padded by 16 bytes so ldmatrix is conflict-free. The G heads are the rows of 16-row
+// MMA tiles (GQA packing: a KV row is read once for all G heads); 4 warps are spread over
+// (head tile, 16-token sub-tile); scores and P.V run on bf16 tensor cores (mma.m16n8k16, f32
+// accumulation). P enters the P.V product as two bf16 parts (hi + lo), so the result carries ~16
+// mantissa bits of each probability, not bf16's 8. Scores are kept in the log2 domain
+// (s = scale * log2(e) * q.k, exp2).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/attention_common.cuh"
+#include "kernels/split_kv_tile.cuh"
+
+namespace needle::kernels::detail::splitkv {
+
+constexpr int kRows = 64;  // rows per chunk
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kStages = 2;
+constexpr int kMaxGroup = 64;      // G <= 64: at most 4 head tiles of 16
+constexpr int kMaxSplits = 256;    // splits of one branch of one (sequence, KV head)
+constexpr int kScoreStride = kRows + 4;  // floats per head row of the score tile
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Shared-memory geometry of one CTA for head dims DK/DV.
+template <int DK, int DV>
+struct Tile {
+  static_assert(DK % 16 == 0 && DV % 16 == 0, "tensor-core tiles need head dims that are multiples of 16");
+  static constexpr int kKStride = DK + 8;  // bf16 per K row in shared memory (+16 bytes: no bank conflicts)
+  static constexpr int kVStride = DV + 8;
+  static constexpr int kKSegs = DK / 8;  // 16-byte segments per row
+  static constexpr int kVSegs = DV / 8;
+  static constexpr size_t kStageBytes = static_cast<size_t>(kRows) * (kKStride + kVStride) * 2;
+  static constexpr size_t kPipeBytes = kStages * kStageBytes;
+  static constexpr size_t kRowPtrBytes = static_cast<size_t>(kStages) * 2 * kRows * sizeof(void*);
+  // Cross-warp merge scratch ([kWarps][16][kOStride] f32 + [kWarps][16] float2) reuses the pipeline
+  // buffers; rows padded by 4 floats so the fragment stores spread over the banks.
+  static constexpr int kOStride = DV + 4;
+  static constexpr size_t kMergeBytes = static_cast<size_t>(kWarps) * 16 * kOStride * 4 + kWarps * 16 * 8;
+  static_assert(kMergeBytes <= kPipeBytes, "merge scratch must fit in the pipeline buffers");
+  // Bytes before the caller's auxiliary region (score tile, selected block list).
+  static constexpr size_t kAuxOffset = kPipeBytes + kRowPtrBytes;
+};
+
+// Head tiles of 16 rows for G heads (1, 2 or 4, so that 4 warps divide evenly).
+__host__ __device__ inline int HeadTiles(int G) { return G <= 16 ? 1 : G <= 32 ? 2 : 4; }
+
+// Entries [score_begin, end) of a row list form one chunk (at most kRows); entries below attend_begin
+// are scored (written to the score tile) but not attended.
+struct ChunkRange {
+  int64_t score_begin;
+  int64_t attend_begin;
+  int64_t end;
+};
+
+// Workspace slots of partial softmax states. For (pair, slot, head): ml = (m, l) with m the max of s
+// (log2 domain) over the slot's rows and l = sum exp2(s - m); acc[DV] = sum exp2(s - m) v. l == 0
+// marks an empty slot, whose acc is not written. pair = sequence * num_kv_heads + KV head.
+struct PartialStates {
+  float2* ml = nullptr;  // [pairs][slots][G]
+  float* acc = nullptr;  // [pairs][slots][G][dv]
+  int slots = 0;
+  int G = 0;
+  int dv = 0;
+
+  __host__ __device__ int64_t Index(int pair, int slot) const {
+    return (static_cast<int64_t>(pair) * slots + slot) * G;
+  }
+};
+
+template <int DV>
+struct WarpState {
+  float o[DV / 8][4];  // C fragments of the [16][DV] output tile
+  float m[2];          // rows lane/4 and lane/4 + 8
+  float l[2];          // this lane's share of the row sums
+};
+
+// A fragments of head tile `mt` of q [G][DK]; rows >= G are zero.
+template <int DK>
+__device__ __forceinline__ void LoadQueryFragments(const bf16* q, int G, int mt, int lane, uint32_t (&qf)[DK / 16][4]) {
+  const int r0 = mt * 16 + lane / 4, r1 = r0 + 8, c = 2 * (lane % 4);
+#pragma unroll
+  for (int kk = 0; kk < DK / 16; ++kk) {
+    const int col = kk * 16 + c;
+    qf[kk][0] = r0 < G ? *reinterpret_cast<const uint32_t*>(q + r0 * DK + col) : 0u;
+    qf[kk][1] = r1 < G ? *reinterpret_cast<const uint32_t*>(q + r1 * DK + col) : 0u;
+    qf[kk][2] = r0 < G ? *reinterpret_cast<const uint32_t*>(q + r0 * DK + col + 8) : 0u;
+    qf[kk][3] = r1 < G ? *reinterpret_cast<const uint32_t*>(q + r1 * DK + col + 8) : 0u;
+  }
+}
+
+// Starts the copy of one chunk's K/V rows into pipeline stage `stage`. Rows past the chunk, up to the
+// next multiple of 16, are zero-filled (a sub-tile is computed whole; its padding rows must not be
+// NaN). Every thread must call it (it synchronises once: row addresses go through shared memory so
+// each page-table lookup happens once per row).
+template <int DK, int DV, class RowOf>
+__device__ void IssueChunk(char* smem, int stage, const RowSource& src, RowOf row_of, const ChunkRange& r) {
+  using T = Tile<DK, DV>;
+  bf16* ks = reinterpret_cast<bf16*>(smem + stage * T::kStageBytes);
+  bf16* vs = ks + kRows * T::kKStride;
+  const bf16** rk = reinterpret_cast<const bf16**>(smem + T::kPipeBytes) + stage * 2 * kRows;
+  const bf16** rv = rk + kRows;
+  const int rows = static_cast<int>(r.end - r.score_begin);
+  const int fill = (rows + 15) & ~15;
+  if (static_cast<int>(threadIdx.x) < rows) {
+    const int64_t row = row_of(r.score_begin + threadIdx.x);
+    rk[threadIdx.x] = src.K(row);
+    rv[threadIdx.x] = src.V(row);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < fill * T::kKSegs; i += kThreads) {
+    const int row = i / T::kKSegs, seg = i - row * T::kKSegs;
+    const bool valid = row < rows;
+    CpAsync16(ks + row * T::kKStride + seg * 8, valid ? rk[row] + seg * 8 : src.k, valid);
+  }
+  for (int i = threadIdx.x; i < fill * T::kVSegs; i += kThreads) {
+    const int row = i / T::kVSegs, seg = i - row * T::kVSegs;
+    const bool valid = row < rows;
+    CpAsync16(vs + row * T::kVStride + seg * 8, valid ? rv[row] + seg * 8 : src.v, valid);
+  }
+  CpAsyncCommit();
+}
+
+// Where a CTA leaves the scores s (log2 domain) of each chunk, if anywhere: `tile` holds one chunk
+// ([16 * head tiles][kScoreStride], then the CTA calls its after-chunk hook); `rows` receives them
+// directly, row h at rows + h * row_stride + entry (heads < G only, no hook needed).
+struct ScoreSink {
+  float* tile = nullptr;
+  float* rows = nullptr;
+  int row_stride = 0;
+};
+
+// One warp's share of a chunk in stage `stage`: sub-tiles group, group + groups, ... of 16 rows,
+// each folded into the warp's online softmax. Rows < attend_off are scored only; rows >= rows are
+// padding. Every head row's s of every row < rows goes to score_tile and/or score_rows (row
+// stride score_stride, chunk row 0 at column 0) when those are not null.
+template <int DK, int DV>
+__device__ void ComputeChunk(const char* smem, int stage, const uint32_t (&qf)[DK / 16][4], int mt, int group,
+                             int groups, int rows, int attend_off, float scale_log2, float* score_tile,
+                             float* score_rows, int score_stride, int G, WarpState<DV>& st) {
+  using T = Tile<DK, DV>;
+  const int lane = threadIdx.x % kWarpSize;
+  const bf16* ks = reinterpret_cast<const bf16*>(smem + stage * T::kStageBytes);
+  const bf16* vs = ks + kRows * T::kKStride;
+  for (int sub = group; sub * 16 < rows; sub += groups) {
+    const int r0 = sub * 16;
+    // Two accumulator chains (even and odd k-steps): the MMAs of one chain depend on each other.
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float s_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; ++kk) {
+      uint32_t b[4];
+      LdMatrixX4(b, ks + (r0 + ((lane >> 4) << 3) + (lane & 7)) * T::kKStride + kk * 16 + ((lane >> 3) & 1) * 8);
+      MmaBf16(kk % 2 == 0 ? s[0] : s_odd[0], qf[kk], b[0], b[1]);
+      MmaBf16(kk % 2 == 0 ? s[1] : s_odd[1], qf[kk], b[2], b[3]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] += s_odd[nt][e];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = r0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+        const float v = s[nt][e] * scale_log2;
+        const int head = mt * 16 + (lane >> 2) + 8 * (e >> 1);
+        if (score_tile != nullptr && col < rows) score_tile[head * kScoreStride + col] = v;
+        if (score_rows != nullptr && col < rows && head < G) score_rows[head * score_stride + col] = v;
+        s[nt][e] = (col >= attend_off && col < rows) ? v : -INFINITY;
+      }
+    }
+    float mx[2] = {fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])),
+                   fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]))};
+    float corr[2], base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      const float m_new = fmaxf(st.m[i], mx[i]);
+      base[i] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing attended yet stays empty
+      corr[i] = exp2f(st.m[i] - base[i]);
+      st.m[i] = m_new;
+    }
+    float p[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
+    }
+    st.l[0] = st.l[0] * corr[0] + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+    st.l[1] = st.l[1] * corr[1] + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
+#pragma unroll
+    for (int n = 0; n < DV / 8; ++n) {
+      st.o[n][0] *= corr[0];
+      st.o[n][1] *= corr[0];
+      st.o[n][2] *= corr[1];
+      st.o[n][3] *= corr[1];
+    }
+    // P as the A operand: the S fragments of token tiles 0 and 1 are exactly the k = 0..7 and
+    // k = 8..15 halves of a 16x16 A fragment.
+    uint32_t hi[4], lo[4];
+    SplitBf16(p[0][0], p[0][1], &hi[0], &lo[0]);
+    SplitBf16(p[0][2], p[0][3], &hi[1], &lo[1]);
+    SplitBf16(p[1][0], p[1][1], &hi[2], &lo[2]);
+    SplitBf16(p[1][2], p[1][3], &hi[3], &lo[3]);
+#pragma unroll
+    for (int dn = 0; dn < DV / 16; ++dn) {
+      uint32_t b[4];
+      LdMatrixX4Trans(b, vs + (r0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * T::kVStride + dn * 16 + (lane >> 4) * 8);
+      MmaBf16(st.o[2 * dn], hi, b[0], b[1]);
+      MmaBf16(st.o[2 * dn], lo, b[0], b[1]);
+      MmaBf16(st.o[2 * dn + 1], hi, b[2], b[3]);
+      MmaBf16(st.o[2 * dn + 1], lo, b[2], b[3]);
+    }
+  }
+}
+
+// The CTA's whole job: attend the G heads of q_group ([G][DK], bf16) over chunks 0..num_chunks-1
+// (chunk_of(c) -> ChunkRange; row_of(entry) -> row of `src`) and write the merged partial state of
+// the CTA to ml_out [G] / acc_out [G][DV]. Scores go to `scores` (ScoreSink; for `rows`, entry e of
+// the row list lands at column e); with a tile, after each chunk's scores are in it the CTA
+// synchronises and calls after_chunk(c, range) on every thread. Every thread must call it; it may be
+// called again on the same shared memory. smem: Tile<DK, DV>::kAuxOffset bytes, then the caller's
+// auxiliary region.
+template <int DK, int DV, class ChunkOf, class RowOf, class AfterChunk>
+__device__ void AttendChunks(const bf16* q_group, int G, float scale_log2, const RowSource& src, int num_chunks,
+                             ChunkOf chunk_of, RowOf row_of, char* smem, const ScoreSink& scores,
+                             AfterChunk after_chunk, float2* ml_out, float* acc_out) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float* const score_tile = scores.tile;
+  __syncthreads();  // a previous call's merge may still read the shared memory
+  const int m_tiles = HeadTiles(G), groups = kWarps / m_tiles;
+  const int mt = warp % m_tiles, group = warp / m_tiles;
+
+  WarpState<DV> st;
+#pragma unroll
+  for (int n = 0; n < DV / 8; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.0f;
+  st.m[0] = st.m[1] = -INFINITY;
+  st.l[0] = st.l[1] = 0.0f;
+
+  // Two chunks in flight: chunk c + 2 is issued as soon as chunk c's stage has been consumed.
+  for (int c = 0; c < num_chunks && c < kStages; ++c) IssueChunk<DK, DV>(smem, c, src, row_of, chunk_of(c));
+  uint32_t qf[DK / 16][4];
+  LoadQueryFragments<DK>(q_group, G, mt, lane, qf);
+  for (int c = 0; c < num_chunks; ++c) {
+    const ChunkRange r = chunk_of(c);
+    if (c + 1 < num_chunks) {
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const int rows = static_cast<int>(r.end - r.score_begin);
+    ComputeChunk<DK, DV>(smem, c % kStages, qf, mt, group, groups, rows, static_cast<int>(r.attend_begin - r.score_begin),
+                         scale_log2, score_tile, scores.rows == nullptr ? nullptr : scores.rows + r.score_begin,
+                         scores.row_stride, G, st);
+    __syncthreads();  // stage c % kStages is free; the score tile is complete
+    if (c + kStages < num_chunks) IssueChunk<DK, DV>(smem, c % kStages, src, row_of, chunk_of(c + kStages));
+    if (score_tile != nullptr) {
+      after_chunk(c, r);
+      __syncthreads();  // the next chunk's scores overwrite the tile
+    }
+  }
+
+  // Per-lane row sums -> row sums; then warps that share a head tile merge through shared memory.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
+    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
+  }
+  constexpr int kOStride = Tile<DK, DV>::kOStride;
+  float* sm_o = reinterpret_cast<float*>(smem);                          // [kWarps][16][kOStride]
+  float2* sm_ml = reinterpret_cast<float2*>(sm_o + kWarps * 16 * kOStride);  // [kWarps][16]
+#pragma unroll
+  for (int n = 0; n < DV / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; e += 2) {
+      const int row = lane / 4 + 8 * (e >> 1), col = n * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(sm_o + (warp * 16 + row) * kOStride + col) = make_float2(st.o[n][e], st.o[n][e + 1]);
+    }
+  }
+  if (lane % 4 == 0) {
+    sm_ml[warp * 16 + lane / 4] = make_float2(st.m[0], st.l[0]);
+    sm_ml[warp * 16 + lane / 4 + 8] = make_float2(st.m[1], st.l[1]);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * DV; i += kThreads) {
+    const int h = i / DV, c = i - h * DV, tile = h / 16, row = h % 16;
+    float m = -INFINITY;
+    for (int g = 0; g < groups; ++g) m = fmaxf(m, sm_ml[(tile + g * m_tiles) * 16 + row].x);
+    float l = 0.0f, a = 0.0f;
+    if (m != -INFINITY) {
+      for (int g = 0; g < groups; ++g) {
+        const int w = tile + g * m_tiles;
+        const float2 ml = sm_ml[w * 16 + row];
+        const float f = exp2f(ml.x - m);
+        l += ml.y * f;
+        a += sm_o[(w * 16 + row) * kOStride + c] * f;
+      }
+      acc_out[i] = a;
+    }
+    if (c == 0) ml_out[h] = make_float2(m, l);
+  }
+}
+
+constexpr int kMergeThreads = 256;
+
+// Merges the slots of up to kBranches branches for head h of one pair and writes
+// out[c] = sum_b gate[b] * (softmax-merged output of branch b)[c] as bf16; a branch with no rows
+// contributes 0. Branch b owns slots [begin[b], begin[b + 1]). Threads are (slot group, 4 columns):
+// each walks every (kMergeThreads / (dv / 4))-th slot with 16-byte loads issued four at a time, and
+// the groups add up through shared memory. Needs blockDim.x == kMergeThreads, dv % 4 == 0,
+// w_smem[begin[kBranches]] and red_smem[kMergeThreads * 4]. Every thread must call it.
+template <int kBranches>
+__device__ void MergeBranches(const PartialStates& ps, int pair, int h, const int (&begin)[kBranches + 1],
+                              const float (&gate)[kBranches], float* w_smem, float* red_smem, bf16* out) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const float2* ml = ps.ml + ps.Index(pair, 0);
+  if (warp < kBranches) {
+    float m = -INFINITY;
+    for (int s = begin[warp] + lane; s < begin[warp + 1]; s += kWarpSize) {
+      const float2 v = ml[s * ps.G + h];
+      if (v.y > 0.0f) m = fmaxf(m, v.x);
+    }
+#pragma unroll
+    for (int o = kWarpSize / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0.0f;
+    for (int s = begin[warp] + lane; s < begin[warp + 1]; s += kWarpSize) {
+      const float2 v = ml[s * ps.G + h];
+      if (v.y > 0.0f) l += v.y * exp2f(v.x - m);
+    }
+    l = WarpSum(l);
+    for (int s = begin[warp] + lane; s < begin[warp + 1]; s += kWarpSize) {
+      const float2 v = ml[s * ps.G + h];
+      w_smem[s] = v.y > 0.0f ? gate[warp] * exp2f(v.x - m) / l : 0.0f;
+    }
+  }
+  __syncthreads();
+  const int num_slots = begin[kBranches];
+  const int col_groups = ps.dv / 4, slot_groups = kMergeThreads / col_groups;
+  const int cg = threadIdx.x % col_groups, sg = threadIdx.x / col_groups;
+  const float* acc = ps.acc + ps.Index(pair, 0) * ps.dv + h * ps.dv + cg * 4;
+  const int64_t slot_stride = static_cast<int64_t>(ps.G) * ps.dv;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (sg < slot_groups) {
+    for (int s0 = sg; s0 < num_slots; s0 += 4 * slot_groups) {
+      float4 v[4];
+      float w[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {  // empty slots read stale bytes, weighted by an exact 0 below
+        const int s = s0 + u * slot_groups;
+        w[u] = s < num_slots ? w_smem[s] : 0.0f;
+        v[u] = w[u] != 0.0f ? *reinterpret_cast<const float4*>(acc + s * slot_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        o.x += w[u] * v[u].x;
+        o.y += w[u] * v[u].y;
+        o.z += w[u] * v[u].z;
+        o.w += w[u] * v[u].w;
+      }
+    }
+  }
+  reinterpret_cast<float4*>(red_smem)[threadIdx.x] = o;
+  __syncthreads();
+  for (int c = threadIdx.x; c < ps.dv; c += kMergeThreads) {
+    float sum = 0.0f;
+    for (int g = 0; g < slot_groups; ++g) sum += red_smem[(g * col_groups + c / 4) * 4 + c % 4];
+    out[c] = __float2bfloat16(sum);
+  }
+}
+
+// ---- Host side ----------------------------------------------------------------------------------
+
+__host__ inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+__host__ inline size_t AlignUp(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
+
+// Chunks per split when every pair has about `chunks` chunks (dense decode; NSA compressed + window;
+// NSA selected rows), or `forced` (> 0): one full wave of `ctas_per_wave` CTAs split evenly over
+// `pairs`, so that all CTAs run at once, each streams a long run (its start-up latency is paid once),
+// and they finish together. Never more than kMaxSplits splits. Sequences much shorter than
+// max_context leave their CTAs idle early: a ragged batch would want a finer cut.
+__host__ inline int ChunksPerSplitOneWave(int chunks, int64_t pairs, int ctas_per_wave, int forced) {
+  int64_t cps = forced;
+  if (forced <= 0) {
+    const int64_t per_pair = pairs < ctas_per_wave ? ctas_per_wave / pairs : 1;
+    cps = (chunks + per_pair - 1) / per_pair;
+  }
+  if (cps < 1) cps = 1;
+  if (chunks > 0 && CeilDiv(chunks, cps) > kMaxSplits) cps = CeilDiv(chunks, kMaxSplits);
+  return static_cast<int>(cps);
+}
+
+// Launches `kernel` with programmatic stream serialisation: it may start while the previous kernel of
+// the stream drains and must call WaitForPrerequisiteGrids() before reading what that kernel wrote.
+template <class... KernelArgs, class... Args>
+cudaError_t LaunchWithPdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  cudaError_t e = cudaLaunchKernelEx(&config, kernel, args...);
+  if (e == cudaErrorNotSupported) {  // no PDL here: an ordinary launch (the waits are then no-ops)
+    cudaGetLastError();
+    config.numAttrs = 0;
+    e = cudaLaunchKernelEx(&config, kernel, args...);
+  }
+  return e;
+}
+
+// Resident CTAs of `kernel` (kThreads threads, `smem` dynamic bytes) per wave over the device; sets
+// the kernel's dynamic shared memory limit first. 0 on error.
+template <class Kernel>
+int CtasPerWave(Kernel kernel, size_t smem) {
+  if (AllowDynamicSmem(kernel, smem) != cudaSuccess) return 0;
+  int device = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess) return 0;
+  return sms * (per_sm > 0 ? per_sm : 1);
+}
+
+}  // namespace needle::kernels::detail::splitkv

@@ -1,0 +1,95 @@
+// Hardware primitives of the split-KV attention kernels (kernels/split_kv_attention.cuh): 16-byte
+// cp.async copies into shared memory (with zero fill), ldmatrix, the bf16 m16n8k16 tensor-core MMA,
+// and programmatic dependent launch (PDL) controls. Thin wrappers over PTX for sm_80+ (PDL: sm_90),
+// no policy: what to load and how warps share a tile is split_kv_attention.cuh's business.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with 16-bit inputs), lane = threadIdx.x % 32:
+//   A (16x16, row-major) a0: (lane/4, 2(lane%4)+{0,1})   a1: row +8   a2: col +8   a3: row +8, col +8
+//   B (16x8, "col")      b0: (k 2(lane%4)+{0,1}, n lane/4)   b1: k +8
+//   C (16x8, f32)        c0,c1: (lane/4, 2(lane%4)+{0,1})   c2,c3: row +8
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace needle::kernels::detail {
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies 16 bytes global -> shared without going through registers (L2 only: the rows are read once).
+// valid == false writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void CpAsync16(void* smem_dst, const void* gmem_src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SharedAddress(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most `kPending` committed groups of this thread are still in flight.
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses (16 bytes each) of matrix i.
+// Lane l receives element (row l/4, cols 2(l%4), 2(l%4)+1) of each matrix in r[i].
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(smem_row)));
+}
+
+// The same, transposed: lane l receives elements (rows 2(l%4), 2(l%4)+1; col l/4) of each matrix.
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(smem_row)));
+}
+
+// c += A * B for one 16x8 tile, bf16 inputs, f32 accumulation.
+__device__ __forceinline__ void MmaBf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a bf16x2 register (lo in the low half: the lower column index).
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): a probability carried through a bf16 MMA in two
+// parts keeps ~16 mantissa bits instead of 8.
+__device__ __forceinline__ void SplitBf16(float x0, float x1, uint32_t* hi, uint32_t* lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 hf = __bfloat1622float2(h);
+  *hi = *reinterpret_cast<const uint32_t*>(&h);
+  *lo = PackBf16(x0 - hf.x, x1 - hf.y);
+}
+
+// Programmatic dependent launch. A kernel launched with the programmatic-serialization attribute may
+// start while its predecessor in the stream still runs; WaitForPrerequisiteGrids blocks until that
+// predecessor has completed and its writes are visible (a no-op without the attribute).
+// AllowDependentLaunch lets the next kernel of the stream start launching early.
+__device__ __forceinline__ void WaitForPrerequisiteGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void AllowDependentLaunch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+}  // namespace needle::kernels::detail
