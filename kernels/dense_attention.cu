@@ -174,7 +174,7 @@ bool DenseAttentionSplitKvSupported(int head_dim_qk, int head_dim_v, int group_s
 }
 
 size_t DenseAttentionSplitKvWorkspaceBytes(const DenseAttentionParams& p) {
-  if (!SplitKvShape(p) || p.num_seqs < 0) return 0;
+  if (p.num_seqs <= 0 || !SplitKvShape(p)) return 0;  // an empty batch needs no scratch
   size_t bytes = 0;
   bool planned = false;
   DispatchSplitKvHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) {

@@ -135,7 +135,7 @@ bool NsaDecodeSplitKvSupported(int head_dim_qk, int head_dim_v, int group_size) 
 }
 
 size_t NsaDecodeSplitKvWorkspaceBytes(const NsaDecodeParams& p) {
-  if (!ShapeValid(p) || !NsaDecodeSplitKvSupported(p.head_dim_qk, p.head_dim_v, p.num_heads / p.num_kv_heads)) {
+  if (p.num_seqs <= 0 || !ShapeValid(p) || !NsaDecodeSplitKvSupported(p.head_dim_qk, p.head_dim_v, p.num_heads / p.num_kv_heads)) {
     return 0;
   }
   size_t bytes = 0;

@@ -204,11 +204,33 @@ absl::Status CudaExecutor::EnsureAttentionWorkspace(int num_decodes, int num_tok
   const int hkv = model_.num_kv_heads, G = model_.GroupSize();
   const int ctx = static_cast<int>(config_.max_context);
   size_t bytes = 0;
+  // The split-KV decode paths want scratch for their partial softmax states; sized at construction
+  // for the largest batch and context, so later steps never reallocate.
+  num_decodes = std::max(num_decodes, 1);  // the split-KV sizing queries want a non-empty batch
   if (nsa_) {
-    bytes = std::max(kernels::NsaDecodeWorkspaceBytes(num_decodes, hkv, G, ctx),
-                     kernels::NsaPrefillWorkspaceBytes(num_tokens, hkv, G, ctx));
+    kernels::NsaDecodeParams split;
+    split.num_seqs = num_decodes;
+    split.num_heads = model_.num_heads;
+    split.num_kv_heads = hkv;
+    split.head_dim_qk = model_.head_dim_qk;
+    split.head_dim_v = model_.head_dim_v;
+    split.max_context = ctx;
+    split.geometry = KernelGeometry(model_.nsa);
+    split.shared_kv = !win_pool_;
+    bytes = std::max({kernels::NsaDecodeWorkspaceBytes(num_decodes, hkv, G, ctx),
+                      kernels::NsaDecodeSplitKvWorkspaceBytes(split),
+                      kernels::NsaPrefillWorkspaceBytes(num_tokens, hkv, G, ctx)});
   } else {
-    bytes = kernels::DenseAttentionWorkspaceBytes(num_tokens, hkv, G, ctx);
+    kernels::DenseAttentionParams split;
+    split.num_seqs = num_decodes;
+    split.num_tokens = num_decodes;
+    split.num_heads = model_.num_heads;
+    split.num_kv_heads = hkv;
+    split.head_dim_qk = model_.head_dim_qk;
+    split.head_dim_v = model_.head_dim_v;
+    split.max_context = ctx;
+    bytes = std::max(kernels::DenseAttentionWorkspaceBytes(num_tokens, hkv, G, ctx),
+                     kernels::DenseAttentionSplitKvWorkspaceBytes(split));
   }
   if (bytes <= attention_workspace_.bytes()) return absl::OkStatus();
   if (stream_ != nullptr) NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
@@ -473,7 +495,15 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
     a.head_dim_v = static_cast<int>(dv);
     a.softmax_scale = scale;
     a.kv = Cache(Pool::kSelection, layer, sp, 0);
-    NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchDenseAttention(a, attention_workspace_.get(), stream_));
+    if (nd == ns) {
+      // Every sequence decodes one token: the split-KV decode path (start_pos = the positions).
+      a.cu_tokens = nullptr;
+      a.max_context = static_cast<int>(config_.max_context);
+      NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchDenseAttention(a, attention_workspace_.get(),
+                                                                attention_workspace_.bytes(), stream_));
+    } else {
+      NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchDenseAttention(a, attention_workspace_.get(), stream_));
+    }
   } else {
     const kernels::NsaKernelGeometry geometry = KernelGeometry(m.nsa);
     if (nd > 0) {
@@ -495,7 +525,8 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
       a.selection = Cache(Pool::kSelection, layer, sp, 0);
       if (win_pool_) a.window = Cache(Pool::kWindow, layer, sp, 0);
       a.shared_kv = !win_pool_;
-      NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchNsaDecode(a, attention_workspace_.get(), stream_));
+      NEEDLE_CUDA_RETURN_IF_ERROR(
+          kernels::LaunchNsaDecode(a, attention_workspace_.get(), attention_workspace_.bytes(), stream_));
     }
     if (nd < ns) {
       kernels::NsaPrefillParams a;
