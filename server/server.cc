@@ -150,6 +150,9 @@ void NeedleServer::MonitorEngine() {
 void NeedleServer::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  // Refuse new requests before health says NOT_SERVING, so that a client that saw NOT_SERVING is
+  // never served (the other order left a window in which such a request was still accepted).
+  if (engine_) engine_->Drain();
   health_->SetServing(false);
   if (monitor_.joinable()) {
     {
