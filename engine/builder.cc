@@ -112,9 +112,18 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineOptions& o) {
                                                        " free device bytes leaves no room for a KV cache"));
     }
   }
-  KvCacheConfig cache = SizePools(m, kv_bytes, use_device ? device.kv_elem_bytes : 4, max_seq, page);
+  const int elem_bytes = use_device ? device.kv_elem_bytes : 4;
+  KvCacheConfig cache = SizePools(m, kv_bytes, elem_bytes, max_seq, page);
   cache.shuffle_seed = o.kv_shuffle_seed;
   NEEDLE_RETURN_IF_ERROR(cache.Validate(m));
+  // SizePools gives one whole sequence even when the budget is smaller; a server must not take
+  // more memory than it was given, so that is a configuration error here.
+  if (const int64_t need = PoolBytes(m, cache, elem_bytes); need > kv_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the KV cache budget of ", kv_bytes, " bytes cannot hold one sequence of ", max_seq, " tokens (", need,
+        " bytes with this model): raise --kv_cache_bytes", use_device ? " or --kv_cache_fraction" : "",
+        ", or lower --max_seq_tokens"));
+  }
   std::unique_ptr<Executor> executor;
   if (use_device) {
     NEEDLE_ASSIGN_OR_RETURN(executor, device.create(weights, cache, limits));

@@ -2,12 +2,14 @@
 // matches names, checks shapes and dtypes, and moves data.
 #include "engine/checkpoint.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <set>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/base/status_macros.h"
@@ -37,6 +39,18 @@ absl::StatusOr<ModelWeights> LoadCheckpoint(const std::string& dir) {
   NEEDLE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig((fs::path(dir) / "config.json").string()));
   NEEDLE_ASSIGN_OR_RETURN(SafetensorsCheckpoint ckpt, SafetensorsCheckpoint::Open(dir));
 
+  // Every architecture names layer i's tensors "model.layers.i.". A config.json that claims more
+  // layers than the files hold fails here, before anything is sized by num_hidden_layers (an
+  // absurd count would otherwise exhaust memory instead of naming the problem).
+  const std::string last_layer = absl::StrCat("model.layers.", config.num_layers - 1, ".");
+  const std::vector<std::string> stored = ckpt.TensorNames();  // sorted
+  const auto at = std::lower_bound(stored.begin(), stored.end(), last_layer);
+  if (at == stored.end() || !absl::StartsWith(*at, last_layer)) {
+    return absl::NotFoundError(absl::StrCat(dir, ": the tensors of layer ", config.num_layers - 1, " (\"",
+                                            last_layer, "*\") are missing: config.json says num_hidden_layers = ",
+                                            config.num_layers));
+  }
+
   ModelWeights w;
   w.config = config;
   w.layers.resize(static_cast<size_t>(config.num_layers));
@@ -64,7 +78,7 @@ absl::StatusOr<ModelWeights> LoadCheckpoint(const std::string& dir) {
     NEEDLE_RETURN_IF_ERROR(e.file->ReadFloat32(*e.info, t.data.data()));
     used.insert(spec.name);
   }
-  const std::vector<std::string> names = ckpt.TensorNames();
+  const std::vector<std::string>& names = stored;
   const size_t extra = names.size() - used.size();
   if (auto log = spdlog::get("engine")) {
     log->debug("{}: loaded {} tensors ({} parameters) from {} file(s); ignored {} unused tensor(s)", dir,

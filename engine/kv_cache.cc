@@ -265,6 +265,15 @@ int64_t PageBytes(const ModelConfig& model, const CacheLayout& layout, Pool pool
          (static_cast<int64_t>(model.head_dim_qk) + model.head_dim_v) * elem_bytes;
 }
 
+int64_t PoolBytes(const ModelConfig& model, const KvCacheConfig& config, int elem_bytes) {
+  const CacheLayout layout = CacheLayout::For(model, config);
+  int64_t total = 0;
+  for (int p = 0; p < kNumPools; ++p) {
+    total += config.num_pages[p] * PageBytes(model, layout, static_cast<Pool>(p), elem_bytes);
+  }
+  return total;
+}
+
 KvCacheConfig SizePools(const ModelConfig& model, int64_t bytes, int elem_bytes, int64_t max_seq_tokens,
                         int page_tokens) {
   KvCacheConfig config;

@@ -107,10 +107,14 @@ class KvCacheManager {
 };
 
 // Splits `bytes` of cache memory across the pools in the proportions a sequence of
-// `max_seq_tokens` needs, for K/V elements of `elem_bytes` bytes. At least one such sequence fits.
+// `max_seq_tokens` needs, for K/V elements of `elem_bytes` bytes. At least one such sequence fits,
+// even when that takes more than `bytes` (BuildEngine refuses such a budget; tools that size the
+// cache for one known sequence pass bytes = 1).
 KvCacheConfig SizePools(const ModelConfig& model, int64_t bytes, int elem_bytes, int64_t max_seq_tokens,
                         int page_tokens = 64);
 // Bytes one page (slot) of each pool takes across all layers and KV heads, K and V together.
 int64_t PageBytes(const ModelConfig& model, const CacheLayout& layout, Pool pool, int elem_bytes);
+// Bytes all pools of `config` take together.
+int64_t PoolBytes(const ModelConfig& model, const KvCacheConfig& config, int elem_bytes);
 
 }  // namespace needle::engine

@@ -16,6 +16,17 @@ namespace {
 
 using json = nlohmann::json;
 
+// A config value as an error message shows it: scalars as JSON (long ones cut short), arrays and
+// objects by size only. A hostile config.json can then neither flood the log nor make the message
+// recurse through deeply nested values (json::dump recurses once per level).
+std::string Shown(const json& v) {
+  if (v.is_array()) return absl::StrCat("an array of ", v.size(), " elements");
+  if (v.is_object()) return absl::StrCat("an object of ", v.size(), " keys");
+  std::string text = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (text.size() > 64) text = absl::StrCat(text.substr(0, 60), "...");
+  return text;
+}
+
 absl::Status FieldError(absl::string_view source, absl::string_view field, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(source, ": field \"", field, "\" ", what));
 }
@@ -30,7 +41,7 @@ absl::StatusOr<int> GetInt(const json& j, absl::string_view source, const char* 
   }
   if (!it->is_number_integer() && !(it->is_number_float() && std::floor(it->get<double>()) ==
                                                                   it->get<double>())) {
-    return FieldError(source, field, absl::StrCat("must be an integer, got ", it->dump()));
+    return FieldError(source, field, absl::StrCat("must be an integer, got ", Shown(*it)));
   }
   double v = it->get<double>();
   if (v < -2147483648.0 || v > 2147483647.0) return FieldError(source, field, "is out of range");
@@ -44,7 +55,7 @@ absl::StatusOr<double> GetNumber(const json& j, absl::string_view source, const 
     if (fallback) return *fallback;
     return FieldError(source, field, "is missing");
   }
-  if (!it->is_number()) return FieldError(source, field, absl::StrCat("must be a number, got ", it->dump()));
+  if (!it->is_number()) return FieldError(source, field, absl::StrCat("must be a number, got ", Shown(*it)));
   double v = it->get<double>();
   if (!std::isfinite(v)) return FieldError(source, field, "must be finite");
   return v;
@@ -53,7 +64,7 @@ absl::StatusOr<double> GetNumber(const json& j, absl::string_view source, const 
 absl::StatusOr<bool> GetBool(const json& j, absl::string_view source, const char* field, bool fallback) {
   auto it = j.find(field);
   if (it == j.end() || it->is_null()) return fallback;
-  if (!it->is_boolean()) return FieldError(source, field, absl::StrCat("must be a boolean, got ", it->dump()));
+  if (!it->is_boolean()) return FieldError(source, field, absl::StrCat("must be a boolean, got ", Shown(*it)));
   return it->get<bool>();
 }
 
@@ -100,7 +111,7 @@ absl::StatusOr<double> GetRopeTheta(const json& j, absl::string_view src) {
   if (auto it = j.find("rope_parameters"); it != j.end() && !it->is_null()) {
     if (!it->is_object()) return FieldError(src, "rope_parameters", "must be an object");
     if (auto t = it->find("rope_type"); t != it->end() && !(t->is_string() && *t == "default")) {
-      return FieldError(src, "rope_parameters.rope_type", absl::StrCat("must be \"default\", got ", t->dump()));
+      return FieldError(src, "rope_parameters.rope_type", absl::StrCat("must be \"default\", got ", Shown(*t)));
     }
     if (it->contains("rope_theta")) return GetNumber(*it, src, "rope_theta", std::nullopt);
   }
@@ -117,16 +128,23 @@ absl::Status RejectNulls(const json& j, absl::string_view src, std::initializer_
   return absl::OkStatus();
 }
 
-int NextPowerOfTwo(int x) {
+// The top-k slots of `block_counts` (the kernels fill next_power_of_2(block_counts)); an error
+// naming the field when that is not a positive int (a larger count would overflow the doubling).
+absl::StatusOr<int> SelectedSlots(absl::string_view src, int block_counts) {
+  if (block_counts < 1) return FieldError(src, "block_counts", "must be >= 1");
+  if (block_counts > (1 << 30)) return FieldError(src, "block_counts", "must be at most 2^30");
   int p = 1;
-  while (p < x) p <<= 1;
+  while (p < block_counts) p <<= 1;
   return p;
 }
 
-// FLA GatedMLP: intermediate = 256 * ceil(int(hidden * ratio * 2 / 3) / 256) when not given.
+// FLA GatedMLP: intermediate = 256 * ceil(int(hidden * ratio * 2 / 3) / 256) when not given; 0 (which
+// Validate() refuses) when that is not a positive int.
 int FlaIntermediateSize(int hidden, double ratio) {
-  int raw = static_cast<int>(hidden * ratio * 2.0 / 3.0);
-  return 256 * ((raw + 255) / 256);
+  const double raw = hidden * ratio * 2.0 / 3.0;
+  if (!(raw >= 0 && raw <= 2147483647.0 - 255)) return 0;
+  const int64_t r = static_cast<int64_t>(raw);
+  return static_cast<int>(256 * ((r + 255) / 256));
 }
 
 absl::Status ParseNsa(const json& j, absl::string_view src, ModelConfig& c) {
@@ -161,13 +179,12 @@ absl::Status ParseNsa(const json& j, absl::string_view src, ModelConfig& c) {
   c.eos_token_id = c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0];
   if (auto act = j.find("hidden_act"); act != j.end() && act->is_string() &&
                                        *act != "swish" && *act != "silu") {
-    return FieldError(src, "hidden_act", absl::StrCat("must be \"swish\" or \"silu\", got ", act->dump()));
+    return FieldError(src, "hidden_act", absl::StrCat("must be \"swish\" or \"silu\", got ", Shown(*act)));
   }
-  if (block_counts < 1) return FieldError(src, "block_counts", "must be >= 1");
   NsaParams& n = c.nsa;
   n.cmp_block = n.cmp_stride = n.sel_block = block_size;
   // The Triton top-k that models are trained with fills next_power_of_2(block_counts) slots.
-  n.num_selected = NextPowerOfTwo(block_counts);
+  NEEDLE_ASSIGN_OR_RETURN(n.num_selected, SelectedSlots(src, block_counts));
   // Current FLA forces block 0, the previous and the current block. Checkpoints trained with older
   // FLA (current block only) say so with needle's optional keys (docs/conventions.md, 7.2).
   NEEDLE_ASSIGN_OR_RETURN(n.forced_initial, GetInt(j, src, "forced_initial_blocks", 1));
@@ -206,7 +223,7 @@ absl::Status ParseLlamaCommon(const json& j, absl::string_view src, ModelConfig&
   if (mlp_bias) return FieldError(src, "mlp_bias", "true is not supported");
   if (auto act = j.find("hidden_act"); act != j.end() && act->is_string() && *act != "silu" &&
                                        *act != "swish") {
-    return FieldError(src, "hidden_act", absl::StrCat("must be \"silu\", got ", act->dump()));
+    return FieldError(src, "hidden_act", absl::StrCat("must be \"silu\", got ", Shown(*act)));
   }
   c.qkv_bias = false;
   return absl::OkStatus();
@@ -222,12 +239,11 @@ absl::Status ParseLlamaNsa(const json& j, absl::string_view src, ModelConfig& c)
   NEEDLE_ASSIGN_OR_RETURN(int block_size, GetInt(j, src, "block_size", 64));
   NEEDLE_ASSIGN_OR_RETURN(int block_counts, GetInt(j, src, "block_counts", 16));
   NEEDLE_ASSIGN_OR_RETURN(int window, GetInt(j, src, "window_size", 512));
-  if (block_counts < 1) return FieldError(src, "block_counts", "must be >= 1");
   NsaParams& n = c.nsa;
   n.cmp_block = n.cmp_stride = n.sel_block = block_size;
   // The fla-org native-sparse-attention top-k fills next_power_of_2(block_counts) slots, forces only
   // the query's own block and merges chunks of block_size blocks (docs/conventions.md, 7.2-7.3).
-  n.num_selected = NextPowerOfTwo(block_counts);
+  NEEDLE_ASSIGN_OR_RETURN(n.num_selected, SelectedSlots(src, block_counts));
   if (n.num_selected > block_size) {
     return FieldError(src, "block_counts", absl::StrCat("rounds up to ", n.num_selected,
                                                         " slots, more than block_size (", block_size, ")"));
@@ -286,7 +302,7 @@ absl::Status NsaParams::Validate() const {
   if (sel_block % cmp_stride != 0) return bad("selection block l' must be a multiple of the stride d");
   if (num_selected < 1) return bad("num_selected must be >= 1");
   if (forced_initial < 0 || forced_local < 0) return bad("forced block counts must be >= 0");
-  if (forced_initial + forced_local > num_selected) return bad("forced blocks exceed num_selected");
+  if (int64_t{forced_initial} + forced_local > num_selected) return bad("forced blocks exceed num_selected");
   if (window < 0) return bad("window must be >= 0");
   if (compression == Compression::kMlpPreRope && cmp_mlp_hidden < 1) return bad("compress_mlp_hidden must be >= 1");
   if (topk_merge_chunk < 0) return bad("topk_merge_chunk must be >= 0");
@@ -362,7 +378,7 @@ json ModelConfigToJson(const ModelConfig& c) {
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["bos_token_id"] = c.bos_token_id;
-  if (c.eos_token_ids.size() > 1) {
+  if (c.eos_token_ids.size() != 1) {  // a list, or [] for a model without EOS (-1 would not load)
     j["eos_token_id"] = c.eos_token_ids;
   } else {
     j["eos_token_id"] = c.eos_token_id;

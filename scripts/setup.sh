@@ -7,6 +7,9 @@ pkgs=(
   libgtest-dev libgmock-dev googletest
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   python3 python3-grpcio python3-protobuf python3-grpc-tools
+  # scripts/test.sh's reliability stages: clang with libFuzzer and its sanitizer runtimes, and
+  # llvm-symbolizer for readable fuzzer reports (gcc's ASan/UBSan come with build-essential).
+  clang libclang-rt-14-dev llvm-14
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -30,6 +30,9 @@ ABSL_FLAG(int64_t, kv_cache_bytes, 256ll << 20, "bytes of all KV cache pools tog
 ABSL_FLAG(double, kv_cache_fraction, 0,
           "cuda: size the KV pools as this fraction of the device memory left after weights and buffers "
           "(0: use --kv_cache_bytes)");
+ABSL_FLAG(int64_t, max_seq_tokens, 0,
+          "longest sequence (prompt + output) the KV pools are sized for; 0: the model's context. "
+          "One such sequence must fit in the KV budget");
 ABSL_FLAG(int, max_queue, 1024, "waiting requests at most; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error or off");
 ABSL_FLAG(double, grace_period_s, 30, "on SIGINT/SIGTERM, seconds in-flight requests may take to finish");
@@ -38,6 +41,8 @@ ABSL_FLAG(uint64_t, seed, 0, "seeds the sampling of requests that set no seed");
 ABSL_FLAG(int64_t, max_buffered_tokens, 8192,
           "per stream: generated tokens waiting for a slow client at most; beyond, the request is "
           "cancelled with RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_message_bytes, 64 << 20,
+          "largest request message accepted, in bytes (>= 1024); larger ones get RESOURCE_EXHAUSTED from gRPC");
 
 namespace {
 
@@ -84,11 +89,13 @@ int main(int argc, char** argv) {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.grace_period_s = absl::GetFlag(FLAGS_grace_period_s);
   options.max_buffered_tokens = absl::GetFlag(FLAGS_max_buffered_tokens);
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.engine.model = absl::GetFlag(FLAGS_model);
   options.engine.model_seed = absl::GetFlag(FLAGS_model_seed);
   options.engine.backend = absl::GetFlag(FLAGS_backend);
   options.engine.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
   options.engine.kv_cache_fraction = absl::GetFlag(FLAGS_kv_cache_fraction);
+  options.engine.max_seq_tokens = absl::GetFlag(FLAGS_max_seq_tokens);
   options.engine.engine.max_batch = absl::GetFlag(FLAGS_max_batch);
   options.engine.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   options.engine.engine.step_token_budget = absl::GetFlag(FLAGS_step_token_budget);

@@ -2,7 +2,9 @@
 #include "server/server.h"
 
 #include <chrono>
+#include <exception>
 #include <future>
+#include <new>
 #include <thread>
 #include <utility>
 
@@ -78,10 +80,10 @@ absl::Status ServerOptions::Validate() const {
 std::string ServerOptions::ToString() const {
   const engine::EngineConfig& e = engine.engine;
   return absl::StrFormat(
-      "listen=%s grace_period_s=%g max_buffered_tokens=%d model=%s model_seed=%d backend=%s "
+      "listen=%s grace_period_s=%g max_buffered_tokens=%d max_message_bytes=%d model=%s model_seed=%d backend=%s "
       "kv_cache_bytes=%d page_tokens=%d max_seq_tokens=%d max_batch=%d prefill_chunk=%d "
       "step_token_budget=%d max_queue=%d seed=%d",
-      listen, grace_period_s, max_buffered_tokens, engine.model, engine.model_seed, engine.backend,
+      listen, grace_period_s, max_buffered_tokens, max_message_bytes, engine.model, engine.model_seed, engine.backend,
       engine.kv_cache_bytes, engine.page_tokens, engine.max_seq_tokens, e.max_batch, e.prefill_chunk,
       e.step_token_budget, e.max_queue, e.seed);
 }
@@ -118,7 +120,19 @@ NeedleServer::~NeedleServer() { Shutdown(); }
 
 absl::Status NeedleServer::LoadEngine() {
   const auto t0 = std::chrono::steady_clock::now();
-  absl::StatusOr<std::unique_ptr<engine::Engine>> built = engine::BuildEngine(options_.engine);
+  absl::StatusOr<std::unique_ptr<engine::Engine>> built;
+  // A model whose configuration asks for more memory than there is (e.g. a context of 2^31 tokens
+  // sizes the KV cache for one whole sequence) throws std::bad_alloc while building: report it as a
+  // start-up error like any other, rather than terminating.
+  try {
+    built = engine::BuildEngine(options_.engine);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat("out of memory while building the engine for ",
+                                                     options_.engine.model, " (check its config.json, "
+                                                     "e.g. max_position_embeddings, and --kv_cache_bytes)"));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("building the engine for ", options_.engine.model, " failed: ", e.what()));
+  }
   if (!built.ok()) return built.status();
   engine_ = *std::move(built);
   const auto t1 = std::chrono::steady_clock::now();
@@ -163,7 +177,6 @@ void NeedleServer::Shutdown() {
     monitor_.join();
   }
   if (engine_) {
-    engine_->Drain();
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(options_.grace_period_s);
     Log()->info("draining: waiting up to {} s for in-flight requests", options_.grace_period_s);
     while (!engine_->Idle() && std::chrono::steady_clock::now() < deadline) {

@@ -438,16 +438,64 @@ TEST_F(ServerE2eTest, BadInputGetsItsStatusAndTheServerKeepsServing) {
        grpc::StatusCode::INVALID_ARGUMENT, "sampling.temperature"},
       {"negative temperature", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_temperature(-0.5f); },
        grpc::StatusCode::INVALID_ARGUMENT, "sampling.temperature"},
+      {"+inf temperature",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_temperature(std::numeric_limits<float>::infinity()); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.temperature"},
+      {"-inf temperature",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_temperature(-std::numeric_limits<float>::infinity()); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.temperature"},
       {"top_p 0", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_p(0); },
        grpc::StatusCode::INVALID_ARGUMENT, "sampling.top_p"},
+      {"top_p above 1", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_p(1.01f); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.top_p"},
+      {"negative top_p", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_p(-0.5f); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.top_p"},
+      {"NaN top_p",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_p(std::numeric_limits<float>::quiet_NaN()); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.top_p"},
+      {"negative min_p", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_min_p(-0.1f); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.min_p"},
+      {"min_p above 1", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_min_p(1.5f); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.min_p"},
+      {"repetition_penalty 0", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_repetition_penalty(0); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.repetition_penalty"},
+      {"repetition_penalty above 10",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_repetition_penalty(10.5f); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.repetition_penalty"},
+      {"presence_penalty above 2", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_presence_penalty(2.5f); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.presence_penalty"},
+      {"frequency_penalty below -2",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_frequency_penalty(-3); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.frequency_penalty"},
       {"max_tokens 0", [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_tokens(0); },
        grpc::StatusCode::INVALID_ARGUMENT, "stopping.max_tokens"},
       {"empty stop string", [](v1::GenerateRequest& r) { r.mutable_stopping()->add_stop(""); },
        grpc::StatusCode::INVALID_ARGUMENT, "stopping.stop"},
+      {"17 stop strings",
+       [](v1::GenerateRequest& r) {
+         for (int i = 0; i < 17; ++i) r.mutable_stopping()->add_stop("s" + std::to_string(i));
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "stopping.stop"},
+      {"257-byte stop string", [](v1::GenerateRequest& r) { r.mutable_stopping()->add_stop(std::string(257, 'x')); },
+       grpc::StatusCode::INVALID_ARGUMENT, "stopping.stop[0]"},
+      {"65 stop token ids",
+       [](v1::GenerateRequest& r) {
+         for (int i = 0; i < 65; ++i) r.mutable_stopping()->add_stop_token_ids(static_cast<uint32_t>(i));
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "stopping.stop_token_ids"},
+      {"stop token id == vocab", [](v1::GenerateRequest& r) { r.mutable_stopping()->add_stop_token_ids(kVocab); },
+       grpc::StatusCode::INVALID_ARGUMENT, "stopping.stop_token_ids"},
       {"top_logprobs 21", [](v1::GenerateRequest& r) { r.set_top_logprobs(21); },
        grpc::StatusCode::INVALID_ARGUMENT, "top_logprobs"},
+      {"request_id over 128 bytes", [](v1::GenerateRequest& r) { r.set_request_id(std::string(129, 'r')); },
+       grpc::StatusCode::INVALID_ARGUMENT, "request_id"},
       {"prompt + max_tokens over the context",
        [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_tokens(kContext); },
+       grpc::StatusCode::OUT_OF_RANGE, "max_tokens"},
+      {"max_tokens above the context",
+       [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_tokens(kContext + 1); },
+       grpc::StatusCode::OUT_OF_RANGE, "max_tokens"},
+      {"max_tokens 2^32-1", [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_tokens(0xffffffffu); },
        grpc::StatusCode::OUT_OF_RANGE, "max_tokens"},
       {"prompt alone over the context",
        [](v1::GenerateRequest& r) {
@@ -477,6 +525,14 @@ TEST_F(ServerE2eTest, BadInputGetsItsStatusAndTheServerKeepsServing) {
   // The same path with valid bytes works, so the failure above is the UTF-8 and nothing else.
   const std::string valid_text("\x12\x03\x61\x62\x63\x2a\x02\x08\x02", 9);  // text "abc", stopping.max_tokens 2
   EXPECT_TRUE(RawGenerate(server_->channel(), valid_text).ok());
+
+  // top_k is a uint32 on the wire, so it cannot be negative there (the engine refuses a negative
+  // top_k: request_test); any value at or above the vocabulary, up to 2^32-1, means no limit.
+  v1::GenerateRequest huge_top_k = TokenRequest(SyntheticPrompt(64), 8);
+  huge_top_k.mutable_sampling()->set_top_k(0xffffffffu);
+  StreamResult no_limit = Generate(*stub_, huge_top_k);
+  EXPECT_TRUE(no_limit.status.ok()) << Describe(no_limit.status);
+  EXPECT_EQ(no_limit.ids.size(), 8u);
 
   // Tokenize applies the same rule.
   grpc::ClientContext tctx;

@@ -20,7 +20,8 @@ namespace needle::e2e {
 
 using Clock = std::chrono::steady_clock;
 
-std::unique_ptr<Subprocess> Subprocess::Spawn(const std::vector<std::string>& argv, std::string* error) {
+std::unique_ptr<Subprocess> Subprocess::Spawn(const std::vector<std::string>& argv, std::string* error,
+                                              bool merge_stderr) {
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) {
     *error = std::string("pipe: ") + std::strerror(errno);
@@ -29,6 +30,7 @@ std::unique_ptr<Subprocess> Subprocess::Spawn(const std::vector<std::string>& ar
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+  if (merge_stderr) posix_spawn_file_actions_adddup2(&actions, fds[1], STDERR_FILENO);
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);

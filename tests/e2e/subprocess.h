@@ -18,8 +18,10 @@ namespace needle::e2e {
 
 class Subprocess {
  public:
-  // Starts `argv[0]` with `argv`; stdout goes to a pipe this object reads, stderr is inherited.
-  static std::unique_ptr<Subprocess> Spawn(const std::vector<std::string>& argv, std::string* error);
+  // Starts `argv[0]` with `argv`; stdout goes to a pipe this object reads, stderr is inherited
+  // (or goes to the same pipe when `merge_stderr`).
+  static std::unique_ptr<Subprocess> Spawn(const std::vector<std::string>& argv, std::string* error,
+                                           bool merge_stderr = false);
   ~Subprocess();
 
   pid_t pid() const { return pid_; }

@@ -271,12 +271,29 @@ TEST(Engine, DrainRefusesNewRequestsAndFinishesLiveOnes) {
 }
 
 TEST(Engine, RequestLargerThanTheWholeCacheIsRefused) {
-  auto e = Build("tiny-llama", 8, 64, /*kv_bytes=*/1, /*max_seq=*/256);
+  // One 256-token tiny-llama sequence: 2 layers x 2 KV heads x (16 + 16) x 4 bytes x 256 tokens.
+  auto e = Build("tiny-llama", 8, 64, /*kv_bytes=*/2 * 2 * 32 * 4 * 256, /*max_seq=*/256);
   Collected c;
   absl::Status s = e->Submit(Greedy(Prompt(300, 1), 100), c.Sink()).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
   ASSERT_TRUE(e->Submit(Greedy(Prompt(100, 1), 100), c.Sink()).ok());
   EXPECT_EQ(c.Wait().reason, FinishReason::kLength);
+}
+
+// A budget that cannot hold one sequence of max_seq_tokens is refused at build time with the bytes
+// it would take, instead of silently allocating more than the budget.
+TEST(Engine, BudgetBelowOneSequenceIsRefused) {
+  EngineOptions o;
+  o.model = "tiny-llama";
+  o.max_seq_tokens = 256;
+  o.kv_cache_bytes = 2 * 2 * 32 * 4 * 256 - 1;  // one byte short of one 256-token sequence
+  auto e = BuildEngine(o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(e.status().message().find("131072 bytes"), absl::string_view::npos) << e.status();
+  EXPECT_NE(e.status().message().find("--kv_cache_bytes"), absl::string_view::npos) << e.status();
+  o.kv_cache_bytes += 1;
+  EXPECT_TRUE(BuildEngine(o).ok());
 }
 
 }  // namespace
