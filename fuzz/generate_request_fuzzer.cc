@@ -31,7 +31,8 @@ Engine& DrainedEngine() {
     spdlog::set_level(spdlog::level::off);
     needle::engine::EngineOptions o;
     o.model = "demo";
-    o.kv_cache_bytes = 1;  // the smallest cache: one whole-context sequence
+    // The smallest cache BuildEngine accepts: one whole demo context (16384 tokens, 18448384 bytes).
+    o.kv_cache_bytes = 18448384;
     o.engine.stats_log_interval_s = 0;
     absl::StatusOr<std::unique_ptr<Engine>> e = needle::engine::BuildEngine(o);
     NEEDLE_FUZZ_CHECK(e.ok());

@@ -3,7 +3,7 @@
 # each as separate processes, for each architecture's tiny preset; and different seeds differ.
 set -euo pipefail
 gen=$1
-ids() { "$gen" --json --max-tokens 24 --ignore-eos --kv-cache-bytes 16000000 --prompt "needle determinism" "$@" | python3 -c 'import json,sys; print(json.load(sys.stdin)["generated"])'; }
+ids() { "$gen" --json --max-tokens 24 --ignore-eos --kv-cache-bytes 32000000 --prompt "needle determinism" "$@" | python3 -c 'import json,sys; print(json.load(sys.stdin)["generated"])'; }
 for model in demo tiny-nsa tiny-llama-nsa tiny-nsa-paper tiny-llama; do
   for mode in "--temperature 0" "--temperature 0.9 --seed 11"; do
     a=$(ids --model "$model" $mode); b=$(ids --model "$model" $mode)
