@@ -67,8 +67,20 @@ const std::vector<Preset>& Presets() {
                                  {"intermediate_size", 3840}};
     const json fla_geometry = {{"num_heads", 64},          {"num_kv_heads", 4}, {"num_attention_heads", 64},
                                {"num_key_value_heads", 4}, {"head_dim", 64},    {"intermediate_size", 9216}};
+    const json tiny_llama_nsa = {{"model_type", "llama-nsa"},
+                                 {"hidden_size", 64},
+                                 {"num_hidden_layers", 2},
+                                 {"num_attention_heads", 4},
+                                 {"num_key_value_heads", 2},
+                                 {"head_dim", 16},
+                                 {"block_size", 16},
+                                 {"block_counts", 3},
+                                 {"window_size", 32},
+                                 {"intermediate_size", 128}};
     json tiny_nsa_qkvbias = tiny_nsa;
     tiny_nsa_qkvbias["qkv_bias"] = true;
+    json tiny_llama_nsa_merge = tiny_llama_nsa;
+    tiny_llama_nsa_merge["block_counts"] = 16;
     json tiny_llama_tied = tiny_llama;
     tiny_llama_tied["tie_word_embeddings"] = true;
     json paper_nsa = paper_geometry;
@@ -109,16 +121,7 @@ const std::vector<Preset>& Presets() {
                {"max_position_embeddings", 16384}})},
         {"tiny-nsa", "FLA nsa, head_dim 64, block 16, 4 blocks, window 32", Tiny(tiny_nsa)},
         {"tiny-llama-nsa", "llama-nsa (fla-org kernel), block 16, block_counts 3 (4 top-k slots), window 32",
-         Tiny({{"model_type", "llama-nsa"},
-               {"hidden_size", 64},
-               {"num_hidden_layers", 2},
-               {"num_attention_heads", 4},
-               {"num_key_value_heads", 2},
-               {"head_dim", 16},
-               {"block_size", 16},
-               {"block_counts", 3},
-               {"window_size", 32},
-               {"intermediate_size", 128}})},
+         Tiny(tiny_llama_nsa)},
         {"tiny-nsa-paper", "nsa-paper with d_k != d_v, l=8 d=4 l'=16 n=4 w=32",
          Tiny({{"model_type", "nsa-paper"},
                {"hidden_size", 64},
@@ -139,6 +142,9 @@ const std::vector<Preset>& Presets() {
         {"tiny-llama", "dense llama baseline", Tiny(tiny_llama)},
         {"tiny-nsa-qkvbias", "tiny-nsa with q/k/v biases", Tiny(tiny_nsa_qkvbias)},
         {"tiny-llama-tied", "tiny-llama with tied embeddings (no lm_head tensor)", Tiny(tiny_llama_tied)},
+        {"tiny-llama-nsa-merge",
+         "tiny-llama-nsa with block_counts 16: 16 top-k slots > 16/2, so fla-org's chunked top-k merge applies",
+         Tiny(tiny_llama_nsa_merge)},
         {"paper-nsa", "benchmark: nsa-paper, paper geometry (64 heads, 4 KV, d_k 192, d_v 128), ~3.0B",
          Bench(paper_nsa)},
         {"paper-dense", "benchmark: dense llama with paper-nsa's geometry and MLP", Bench(paper_dense)},

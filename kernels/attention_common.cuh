@@ -43,6 +43,7 @@ cudaError_t DispatchHeadDims(int dk, int dv, F&& f) {
     case HeadDimsKey(64, 64): return f(HeadDims<64, 64>{});
     case HeadDimsKey(128, 128): return f(HeadDims<128, 128>{});
     case HeadDimsKey(192, 128): return f(HeadDims<192, 128>{});
+    case HeadDimsKey(192, 192): return f(HeadDims<192, 192>{});
     case HeadDimsKey(16, 16): return f(HeadDims<16, 16>{});
     case HeadDimsKey(32, 32): return f(HeadDims<32, 32>{});
     case HeadDimsKey(24, 16): return f(HeadDims<24, 16>{});
@@ -62,7 +63,8 @@ inline bool CacheValid(const PagedKvCache& c) {
 
 inline bool NsaGeometryValid(const NsaKernelGeometry& g) {
   return g.cmp_block >= 1 && g.cmp_stride >= 1 && g.sel_block >= 1 && g.num_selected >= 1 && g.forced_initial >= 0 &&
-         g.forced_local >= 0 && g.forced_initial + g.forced_local <= g.num_selected && g.window >= 0;
+         g.forced_local >= 0 && g.forced_initial + g.forced_local <= g.num_selected && g.window >= 0 &&
+         g.topk_merge_chunk >= 0;
 }
 
 // Sets the kernel's dynamic shared memory limit when it needs more than the default.
@@ -342,53 +344,106 @@ __device__ void NsaBlockScores(const NsaQueryGroup& qg, const NsaKernelGeometry&
   }
 }
 
-// Fills sel[0..*count) with the selected blocks in ascending order: forced blocks (the first
-// forced_initial, the forced_local most recent), then the highest scores among the rest with ties to
-// the lower index, num_selected in all. Taken blocks get score -1 (scores are >= 0).
-__device__ inline void NsaTopBlocks(const NsaKernelGeometry& geo, int64_t t, int num_blocks, float* scores,
-                                    int32_t* sel, int* count) {
+// Whether block a (score sa) ranks above block b (score sb): higher score, ties to the lower index.
+__device__ __forceinline__ bool RanksAbove(float sa, int a, float sb, int b) { return sa > sb || (sa == sb && a < b); }
+
+// The best-ranked block j in [lo, hi) with eligible(j, scores[j]), or -1 if none; every thread of
+// the block gets the answer, and every thread must call it.
+template <class Eligible>
+__device__ int BestBlock(const float* scores, int lo, int hi, Eligible eligible) {
   __shared__ float red_score[kNumWarps];
   __shared__ int red_block[kNumWarps];
+  __shared__ int result;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float best = -INFINITY;
+  int best_j = INT32_MAX;
+  for (int j = lo + threadIdx.x; j < hi; j += kThreads) {
+    const float s = scores[j];
+    if (eligible(j, s) && RanksAbove(s, j, best, best_j)) best = s, best_j = j;
+  }
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    const float s = __shfl_xor_sync(0xffffffffu, best, o);
+    const int j = __shfl_xor_sync(0xffffffffu, best_j, o);
+    if (RanksAbove(s, j, best, best_j)) best = s, best_j = j;
+  }
+  if (lane == 0) red_score[warp] = best, red_block[warp] = best_j;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kNumWarps; ++w) {
+      if (RanksAbove(red_score[w], red_block[w], best, best_j)) best = red_score[w], best_j = red_block[w];
+    }
+    result = best_j == INT32_MAX ? -1 : best_j;
+  }
+  __syncthreads();
+  return result;
+}
+
+// Fills sel[0..*count) with the selected blocks in ascending order (reference::SelectBlocks):
+// forced blocks (the first forced_initial, the forced_local most recent) outrank every score, the
+// rest rank by score with ties to the lower index, num_selected in all. Scores are >= 0; taken
+// blocks get score -1.
+//
+// With geo.topk_merge_chunk = C > 0, n > C/2 and the current block at C or beyond (fla-org's Triton
+// top-k), only the best C/2 blocks of [0, chunk start) and the best C/2 of [chunk start, num_blocks)
+// compete, chunk start = (current / C) C. Each part's C/2-th best non-forced block is its threshold:
+// a block survives when it ranks at or above its part's threshold.
+__device__ inline void NsaTopBlocks(const NsaKernelGeometry& geo, int64_t t, int num_blocks, float* scores,
+                                    int32_t* sel, int* count) {
+  __shared__ int forced_in_part[2];
+  const int64_t current = t / geo.sel_block;
+  const int C = geo.topk_merge_chunk;
+  const bool chunked = C > 0 && geo.num_selected > C / 2 && current >= C;
+  const int chunk_start = chunked ? static_cast<int>(current / C * C) : num_blocks;
   if (threadIdx.x == 0) {
     int n = 0;
+    forced_in_part[0] = forced_in_part[1] = 0;
+    // Ascending ids, so that a part holding more than C/2 forced blocks keeps its lowest ones.
     auto take = [&](int64_t j) {
-      if (j >= 0 && j < num_blocks && scores[j] >= 0.0f) {
-        scores[j] = -1.0f;
-        sel[n++] = static_cast<int32_t>(j);
-      }
+      if (j < 0 || j >= num_blocks || scores[j] < 0.0f || n >= geo.num_selected) return;
+      const int part = j >= chunk_start ? 1 : 0;
+      if (chunked && forced_in_part[part] >= C / 2) return;
+      ++forced_in_part[part];
+      scores[j] = -1.0f;
+      sel[n++] = static_cast<int32_t>(j);
     };
     for (int j = 0; j < geo.forced_initial; ++j) take(j);
-    const int64_t current = t / geo.sel_block;
-    for (int j = 0; j < geo.forced_local; ++j) take(current - j);
+    for (int j = geo.forced_local - 1; j >= 0; --j) take(current - j);
     *count = n;
   }
   __syncthreads();
+  // Each part's threshold: (score, block) of its last surviving non-forced block; (inf, -1) lets
+  // none survive, all_survive[part] every one (the part has fewer than its quota).
+  float thr_score[2] = {INFINITY, INFINITY};
+  int thr_block[2] = {-1, -1};
+  bool all_survive[2] = {!chunked, !chunked};
+  if (chunked) {
+    for (int part = 0; part < 2; ++part) {
+      const int lo = part == 0 ? 0 : chunk_start, hi = part == 0 ? chunk_start : num_blocks;
+      for (int r = 0; r < C / 2 - forced_in_part[part]; ++r) {
+        const float ps = thr_score[part];
+        const int pj = thr_block[part];
+        const int j = BestBlock(scores, lo, hi, [=](int jj, float s) { return s >= 0.0f && RanksAbove(ps, pj, s, jj); });
+        if (j < 0) {
+          all_survive[part] = true;
+          break;
+        }
+        thr_score[part] = scores[j], thr_block[part] = j;
+      }
+    }
+  }
+  auto eligible = [&](int j, float s) {
+    if (s < 0.0f) return false;
+    const int part = j >= chunk_start ? 1 : 0;
+    return all_survive[part] || !RanksAbove(thr_score[part], thr_block[part], s, j);
+  };
   const int want = geo.num_selected - *count;
   for (int r = 0; r < want; ++r) {
-    float best = -1.0f;
-    int best_j = INT32_MAX;
-    for (int j = threadIdx.x; j < num_blocks; j += kThreads) {
-      if (scores[j] > best) best = scores[j], best_j = j;  // ascending j: ties keep the lower index
-    }
-#pragma unroll
-    for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-      const float s = __shfl_xor_sync(0xffffffffu, best, o);
-      const int j = __shfl_xor_sync(0xffffffffu, best_j, o);
-      if (s > best || (s == best && j < best_j)) best = s, best_j = j;
-    }
-    if (lane == 0) red_score[warp] = best, red_block[warp] = best_j;
-    __syncthreads();
+    const int j = BestBlock(scores, 0, num_blocks, eligible);
+    if (j < 0) break;
     if (threadIdx.x == 0) {
-      for (int w = 1; w < kNumWarps; ++w) {
-        if (red_score[w] > best || (red_score[w] == best && red_block[w] < best_j)) {
-          best = red_score[w], best_j = red_block[w];
-        }
-      }
-      if (best >= 0.0f) {
-        scores[best_j] = -1.0f;
-        sel[(*count)++] = best_j;
-      }
+      scores[j] = -1.0f;
+      sel[(*count)++] = j;
     }
     __syncthreads();
   }

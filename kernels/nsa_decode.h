@@ -29,6 +29,10 @@ struct NsaKernelGeometry {
   int forced_initial = 1;  // blocks 0..forced_initial-1 always selected
   int forced_local = 2;    // the forced_local most recent blocks always selected
   int window = 512;        // w: window keys, the query included; 0 disables the window branch
+  // 0: exact top-n. C > 0 (llama-nsa, fla-org's Triton top-k): when n > C/2 and the current block is
+  // at least C, only the best C/2 blocks before the current block's chunk of C and the best C/2 of
+  // that chunk compete for the n slots (reference::SelectBlocks).
+  int topk_merge_chunk = 0;
 };
 
 enum class GateDType : int32_t { kBf16 = 0, kFp32 = 1 };
@@ -71,7 +75,7 @@ struct NsaDecodeParams {
   int chunks_per_split = 0;
 };
 
-// Whether the kernels are instantiated for these head dims (d_k/d_v pairs 64/64, 128/128, 192/128,
+// Whether the kernels are instantiated for these head dims (d_k/d_v pairs 64/64, 128/128, 192/128, 192/192,
 // 16/16, 32/32, 24/16) and group size (1..64). Refuse a model at load when this is false.
 bool NsaDecodeSupported(int head_dim_qk, int head_dim_v, int group_size);
 

@@ -247,13 +247,83 @@ __device__ inline int BlockExclusiveSum(int x, int* scratch, int* total) {
   return before + inclusive - x;
 }
 
+// Radix select over keys[lo, hi), 8 bits at a time from the top: *prefix gets the k-th largest key
+// and *need how many keys equal to it are among the k largest (those with the lowest indices).
+// k must be in [1, hi - lo]. Every thread of the kSelectThreads-thread block must call it.
+__device__ inline void RadixSelect(const uint32_t* keys, int lo, int hi, int k, uint32_t* prefix_out, int* need_out) {
+  __shared__ int hist[256];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_need;
+  uint32_t prefix = 0;
+  int need = k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    const uint32_t high = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+    hist[threadIdx.x] = 0;  // kSelectThreads == 256 bins
+    __syncthreads();
+    for (int j = lo + threadIdx.x; j < hi; j += kSelectThreads) {
+      const uint32_t key = keys[j];
+      if ((key & high) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < kWarpSize) {
+      const int lane = threadIdx.x;  // owns digits 255 - 8 lane down to 248 - 8 lane
+      int local = 0;
+      for (int b = 0; b < 8; ++b) local += hist[255 - 8 * lane - b];
+      int inclusive = local;
+#pragma unroll
+      for (int o = 1; o < kWarpSize; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (lane >= o) inclusive += y;
+      }
+      int above = inclusive - local;  // keys with a larger digit
+      for (int b = 0; b < 8; ++b) {
+        const int digit = 255 - 8 * lane - b;
+        const int cnt = hist[digit];
+        if (above < need && above + cnt >= need) {
+          s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+          s_need = need - above;
+        }
+        above += cnt;
+      }
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+  }
+  __syncthreads();  // s_prefix and s_need are read by every thread before a later call rewrites them
+  *prefix_out = prefix;
+  *need_out = need;
+}
+
+// Calls visit(j, chosen, rank) for each j in [lo, hi), ascending within each thread's own
+// contiguous slice, where chosen says whether RadixSelect(prefix, need) chose keys[j] (keys above
+// prefix, and the first `need` equal to it) and rank counts the chosen keys from 0 in block order.
+// visit may rewrite keys[j] (only this thread reads it here). Every thread of the block must call it.
+template <class Visit>
+__device__ void ForEachKey(uint32_t* keys, int lo, int hi, uint32_t prefix, int need, int* scratch, Visit visit) {
+  const int len = hi - lo, per = (len + kSelectThreads - 1) / kSelectThreads;
+  const int j0 = lo + min(len, static_cast<int>(threadIdx.x) * per), j1 = min(hi, j0 + per);
+  int equal = 0;
+  for (int j = j0; j < j1; ++j) equal += keys[j] == prefix;
+  int total = 0;
+  const int equal_before = BlockExclusiveSum(equal, scratch, &total);
+  int count = 0;
+  for (int j = j0, r = equal_before; j < j1; ++j) {
+    const uint32_t key = keys[j];
+    if (key > prefix || (key == prefix && r++ < need)) ++count;
+  }
+  int pos = BlockExclusiveSum(count, scratch, &total);
+  for (int j = j0, r = equal_before; j < j1; ++j) {
+    const uint32_t key = keys[j];
+    const bool chosen = key > prefix || (key == prefix && r++ < need);
+    visit(j, chosen, chosen ? pos++ : -1);
+  }
+}
+
 // Dynamic shared memory: keys [max_blocks] u32, lse [G] f32.
 __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplitArgs a) {
   extern __shared__ __align__(16) char smem[];
-  __shared__ int hist[256];
   __shared__ int scratch[kSelectThreads / kWarpSize];
-  __shared__ uint32_t s_prefix;
-  __shared__ int s_need;
   const NsaDecodeParams& p = a.p;
   const NsaKernelGeometry& geo = p.geometry;
   const int pair = blockIdx.x, seq = pair / p.num_kv_heads;
@@ -325,65 +395,42 @@ __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplit
   }
   __syncthreads();
 
-  // Radix select, 8 bits at a time from the top: the n-th largest key `prefix`, and how many keys
-  // equal to it are taken (`need`; those with the lowest block ids).
-  uint32_t prefix = 0;
-  int need = n;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    const uint32_t high = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-    hist[threadIdx.x] = 0;  // kSelectThreads == 256 bins
-    __syncthreads();
-    for (int j = threadIdx.x; j < nb; j += kSelectThreads) {
-      const uint32_t k = keys[j];
-      if ((k & high) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
+  // fla-org's chunked merge (NsaKernelGeometry::topk_merge_chunk): only the best C/2 keys of the
+  // blocks before the current block's chunk and the best C/2 of that chunk survive, and the n
+  // slots go to the best survivors (fewer when fewer survive).
+  const int C = geo.topk_merge_chunk;
+  int take = n;
+  if (C > 0 && n > C / 2 && current >= C) {
+    const int chunk_start = static_cast<int>(current / C * C);
+    uint32_t prefix[2];
+    int need[2];
+    RadixSelect(keys, 0, chunk_start, C / 2, &prefix[0], &need[0]);
+    const int in_chunk = min(C / 2, nb - chunk_start);
+    RadixSelect(keys, chunk_start, nb, in_chunk, &prefix[1], &need[1]);
+    // Survivors keep their order above every other key: forced keys stay 0xFFFFFFFF, score keys
+    // (non-negative floats, top bit clear) get the top bit; every other key becomes 0.
+    for (int part = 0; part < 2; ++part) {
+      const int lo = part == 0 ? 0 : chunk_start, hi = part == 0 ? chunk_start : nb;
+      ForEachKey(keys, lo, hi, prefix[part], need[part], scratch, [&](int j, bool chosen, int) {
+        keys[j] = chosen ? (keys[j] | 0x80000000u) : 0u;
+      });
     }
     __syncthreads();
-    if (threadIdx.x < kWarpSize) {
-      const int lane = threadIdx.x;  // owns digits 255 - 8 lane down to 248 - 8 lane
-      int local = 0;
-      for (int b = 0; b < 8; ++b) local += hist[255 - 8 * lane - b];
-      int inclusive = local;
-#pragma unroll
-      for (int o = 1; o < kWarpSize; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
-        if (lane >= o) inclusive += y;
-      }
-      int above = inclusive - local;  // keys with a larger digit
-      for (int b = 0; b < 8; ++b) {
-        const int digit = 255 - 8 * lane - b;
-        const int cnt = hist[digit];
-        if (above < need && above + cnt >= need) {
-          s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
-          s_need = need - above;
-        }
-        above += cnt;
-      }
-    }
-    __syncthreads();
-    prefix = s_prefix;
-    need = s_need;
+    take = C / 2 + in_chunk < n ? C / 2 + in_chunk : n;
   }
 
-  // Ordered compaction: keys above the threshold, and the first `need` equal ones, in block order.
-  const int per = (nb + kSelectThreads - 1) / kSelectThreads;
-  const int j0 = min(nb, static_cast<int>(threadIdx.x) * per), j1 = min(nb, j0 + per);
-  int equal = 0;
-  for (int j = j0; j < j1; ++j) equal += keys[j] == prefix;
-  int total = 0;
-  const int equal_before = BlockExclusiveSum(equal, scratch, &total);
-  int taken = 0;
-  for (int j = j0, r = equal_before; j < j1; ++j) {
-    const uint32_t k = keys[j];
-    if (k > prefix || (k == prefix && r++ < need)) ++taken;
-  }
-  int pos = BlockExclusiveSum(taken, scratch, &total);
-  for (int j = j0, r = equal_before; j < j1; ++j) {
-    const uint32_t k = keys[j];
-    if (k > prefix || (k == prefix && r++ < need)) {
-      ws_sel[pos] = j;
-      if (pub != nullptr) pub[pos] = j;
-      ++pos;
-    }
+  // The `take` largest keys, ties to the lower block id, in block order.
+  uint32_t prefix = 0;
+  int need = 0;
+  RadixSelect(keys, 0, nb, take, &prefix, &need);
+  ForEachKey(keys, 0, nb, prefix, need, scratch, [&](int j, bool chosen, int pos) {
+    if (!chosen) return;
+    ws_sel[pos] = j;
+    if (pub != nullptr) pub[pos] = j;
+  });
+  for (int i = take + threadIdx.x; i < n; i += kSelectThreads) {
+    ws_sel[i] = -1;
+    if (pub != nullptr) pub[i] = -1;
   }
 }
 

@@ -45,6 +45,7 @@ kernels::NsaKernelGeometry KernelGeometry(const NsaParams& n) {
   g.forced_initial = n.forced_initial;
   g.forced_local = n.forced_local;
   g.window = n.window;
+  g.topk_merge_chunk = n.topk_merge_chunk;
   return g;
 }
 

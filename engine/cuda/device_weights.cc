@@ -42,13 +42,9 @@ absl::Status CheckModelSupported(const ModelConfig& m) {
         !kernels::NsaPrefillSupported(m.head_dim_qk, m.head_dim_v, G)) {
       return no(absl::StrCat("the NSA attention kernels are not built for d_k = ", m.head_dim_qk, ", d_v = ",
                              m.head_dim_v, ", group size ", G,
-                             " (built: 64/64, 128/128, 192/128, 16/16, 32/32, 24/16; group sizes 1..64)"));
+                             " (built: 64/64, 128/128, 192/128, 192/192, 16/16, 32/32, 24/16; group sizes 1..64)"));
     }
     const NsaParams& n = m.nsa;
-    if (n.topk_merge_chunk > 0 && n.num_selected > n.topk_merge_chunk / 2) {
-      return no(absl::StrCat("its top-k is fla-org's chunked merge (chunk ", n.topk_merge_chunk, ", ", n.num_selected,
-                             " slots), which differs from exact top-n; the GPU kernels implement exact top-n only"));
-    }
     if (n.compression == Compression::kMlpPreRope &&
         !kernels::CompressMlpSupported(n.cmp_block, m.head_dim_qk, m.head_dim_v)) {
       return no(absl::StrCat("the compression MLP cannot stage a block of ", n.cmp_block, " rows of width ",

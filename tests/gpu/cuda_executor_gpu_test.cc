@@ -345,7 +345,7 @@ TEST_P(CudaVsCpu, CachedDecodeEqualsChunkedAndWholePrefill) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, CudaVsCpu,
-                         ::testing::Values("tiny-nsa", "tiny-llama-nsa", "tiny-nsa-paper", "tiny-llama",
+                         ::testing::Values("tiny-nsa", "tiny-llama-nsa", "tiny-llama-nsa-merge", "tiny-nsa-paper", "tiny-llama",
                                            "tiny-nsa-qkvbias", "tiny-llama-tied", "demo"),
                          Name);
 
@@ -453,11 +453,8 @@ TEST(CudaExecutorErrors, UnsupportedModelsAreRefusedAtLoad) {
   auto lnsa = PresetConfig("tiny-llama-nsa");
   ASSERT_TRUE(lnsa.ok());
   EXPECT_TRUE(CheckModelSupported(*lnsa).ok());
-  ModelConfig merged = *lnsa;
-  merged.nsa.num_selected = merged.nsa.topk_merge_chunk;  // the chunked merge differs from top-n here
-  EXPECT_EQ(CheckModelSupported(merged).code(), absl::StatusCode::kUnimplemented);
   for (const char* name : {"tiny-nsa", "tiny-nsa-paper", "tiny-llama", "tiny-nsa-qkvbias", "tiny-llama-tied",
-                                  "demo"}) {
+                           "tiny-llama-nsa-merge", "demo"}) {
     auto c = PresetConfig(name);
     ASSERT_TRUE(c.ok());
     EXPECT_TRUE(CheckModelSupported(*c).ok()) << name << ": " << CheckModelSupported(*c);

@@ -161,6 +161,7 @@ TEST(DenseAttentionGpuTest, Decode) {
       {"d128 G4", 128, 128, 2, 4, DecodeAt(kPositions)},
       {"d192/128 G16", 192, 128, 2, 16, DecodeAt(kPositions)},
       {"d192/128 G32", 192, 128, 1, 32, DecodeAt(kPositions)},
+      {"d192/192 G8", 192, 192, 2, 8, DecodeAt(kPositions)},
       {"d64 G64", 64, 64, 1, 64, DecodeAt({0, 63, 64, 1000})},
       {"d128 G3 pages16", 128, 128, 2, 3, DecodeAt(kPositions), 16},
       {"d16 G2 (tiny-llama)", 16, 16, 2, 2, DecodeAt(kPositions), 16},
@@ -229,6 +230,7 @@ TEST(DenseAttentionGpuTest, PrefillChunks) {
   const std::vector<DenseCase> cases = {
       {"d128 G4", 128, 128, 2, 4, {{0, 70}, {100, 129}, {4000, 3}}},
       {"d192/128 G16", 192, 128, 1, 16, {{0, 65}, {1000, 64}}},
+      {"d192/192 G4", 192, 192, 2, 4, {{0, 65}, {300, 40}}},
       {"d64 G1 empty sequence", 64, 64, 3, 1, {{0, 10}, {50, 0}, {63, 2}}},
       {"d16 G2", 16, 16, 2, 2, {{0, 40}, {17, 30}}, 16},
       {"d24/16 G2", 24, 16, 1, 2, {{5, 20}}, 16},

@@ -47,7 +47,8 @@ NsaKernelGeometry FlaGeometry(int forced_initial, int forced_local) {
 }
 
 ref::NsaGeometry RefGeometry(const NsaKernelGeometry& g) {
-  return {g.cmp_block, g.cmp_stride, g.sel_block, g.num_selected, g.forced_initial, g.forced_local, g.window};
+  return {g.cmp_block,      g.cmp_stride,   g.sel_block, g.num_selected,
+          g.forced_initial, g.forced_local, g.window,    g.topk_merge_chunk};
 }
 
 int64_t NumCompressed(const NsaKernelGeometry& g, int64_t t) {
@@ -424,6 +425,7 @@ TEST(NsaDecodeGpuTest, PaperGeometry) {
   NEEDLE_SKIP_WITHOUT_GPU();
   const std::vector<NsaCase> cases = {
       {"paper d192/128 G16 ring", PaperGeometry(), 192, 128, 2, 16, false, DecodeAt(kPaperPositions)},
+      {"paper d192/192 G8 ring", PaperGeometry(), 192, 192, 2, 8, false, DecodeAt(kPaperPositions)},
       {"paper d128 G4 shared fp32-gates", PaperGeometry(), 128, 128, 2, 4, true, DecodeAt(kPaperPositions), 64, 64,
        GateDType::kFp32},
       {"paper d64 G1 ring", PaperGeometry(), 64, 64, 4, 1, false, DecodeAt(kPaperPositions)},
@@ -491,6 +493,34 @@ TEST(NsaDecodeGpuTest, TiesGoToLowerBlockIndex) {
     cases[i].zero_cmp_keys = true;
     cases[i].seed = 400 + i;
     ASSERT_NO_FATAL_FAILURE(RunNsaCase(cases[i], /*decode=*/true));
+  }
+}
+
+// fla-org's chunked top-k merge (llama-nsa checkpoints whose n exceeds C/2, C = block_size): block
+// size 16 with 16 slots (zen-E/NSA-1B's shape) and block 64 with 48 slots, at positions before the
+// first full chunk (exact top-n), at chunk boundaries and deep into later chunks.
+NsaKernelGeometry ChunkedMerge16() { return {16, 16, 16, 16, 0, 1, 64, 16}; }
+NsaKernelGeometry ChunkedMerge64() { return {64, 64, 64, 48, 1, 2, 512, 64}; }
+const std::vector<int> kChunked16Positions = {200, 255, 256, 257, 300, 511, 512, 700, 1023, 2047, 2100, 4095};
+const std::vector<int> kChunked64Positions = {4095, 4096, 4200, 6000, 8191, 8192, 9000};
+
+std::vector<NsaCase> ChunkedMergeCases() {
+  return {
+      {"chunked C16 n16 d64 G8 shared", ChunkedMerge16(), 64, 64, 2, 8, true, DecodeAt(kChunked16Positions), 16, 16},
+      {"chunked C16 n16 d64 G16 shared pages64", ChunkedMerge16(), 64, 64, 1, 16, true,
+       DecodeAt(kChunked16Positions), 64, 16},
+      {"chunked C64 n48 d64 G16 shared", ChunkedMerge64(), 64, 64, 1, 16, true, DecodeAt(kChunked64Positions)},
+      {"chunked C64 n48 d192/128 G4 ring", ChunkedMerge64(), 192, 128, 2, 4, false, DecodeAt(kChunked64Positions)},
+  };
+}
+
+TEST(NsaDecodeGpuTest, ChunkedTopkMerge) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<NsaCase> cases = ChunkedMergeCases();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 2100 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true));
   }
 }
 
@@ -599,6 +629,22 @@ TEST(NsaDecodeSplitKvGpuTest, TiesGoToLowerBlockIndex) {
   }
 }
 
+TEST(NsaDecodeSplitKvGpuTest, ChunkedTopkMerge) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  std::vector<NsaCase> cases = ChunkedMergeCases();
+  cases.push_back({"chunked C16 n16 d64 G16 shared 64k", ChunkedMerge16(), 64, 64, 1, 16, true,
+                   DecodeAt({65535, 300}), 16, 16});
+  cases.push_back({"chunked ties C16 n16 d64 G8", ChunkedMerge16(), 64, 64, 1, 8, true, DecodeAt({700, 2047}), 16, 16});
+  cases.back().zero_cmp_keys = true;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 2200 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+    c.seed += 50;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, 1));
+  }
+}
+
 // 64k and 128k contexts, and a batch mixing long and short sequences.
 TEST(NsaDecodeSplitKvGpuTest, LongContext) {
   NEEDLE_SKIP_WITHOUT_GPU();
@@ -641,6 +687,8 @@ TEST(NsaPrefillGpuTest, Chunks) {
       {"tiny-nsa-paper d24/16 G2 ring", tiny_paper, 24, 16, 2, 2, false, {{0, 40}, {30, 50}, {200, 17}}, 16, 8},
       {"tiny-llama-nsa d16 G2 shared", tiny_llama_nsa, 16, 16, 2, 2, true, {{0, 70}, {64, 64}}, 16, 16},
       {"demo d32 G4 ring fp32-gates", PaperGeometry(), 32, 32, 2, 4, false, {{1000, 80}}, 64, 64, GateDType::kFp32},
+      {"chunked C16 n16 d64 G8 shared", ChunkedMerge16(), 64, 64, 1, 8, true, {{250, 20}, {1000, 70}}, 16, 16},
+      {"chunked C64 n48 d192/192 G4 ring", ChunkedMerge64(), 192, 192, 1, 4, false, {{4090, 40}}},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     NsaCase c = cases[i];

@@ -243,11 +243,32 @@ std::vector<int64_t> SelectBlocks(const NsaParams& nsa, int64_t t,
     for (int64_t j = 0; j < num_blocks; ++j) chosen.insert(j);
     return {chosen.begin(), chosen.end()};
   }
-  for (int64_t j = 0; j < nsa.forced_initial && j <= current; ++j) chosen.insert(j);
-  for (int64_t k = 0; k < nsa.forced_local && current - k >= 0; ++k) chosen.insert(current - k);
+  auto forced = [&](int64_t j) { return j < nsa.forced_initial || j > current - nsa.forced_local; };
+  // llama-nsa (fla-org's Triton top-k, chunks of C blocks): when n > C/2 and a whole chunk precedes
+  // the current one, a block can only be chosen if it is among the C/2 leaders of its side of the
+  // current chunk's start. Leaders: forced blocks (lower index first), then higher score, then
+  // lower index.
+  std::vector<bool> allowed(num_blocks, true);
+  const int64_t C = nsa.topk_merge_chunk;
+  if (C > 0 && nsa.num_selected > C / 2 && current >= C) {
+    const int64_t boundary = current - current % C;
+    auto leads = [&](int64_t a, int64_t b) {
+      if (forced(a) || forced(b)) return forced(a) && (!forced(b) || a < b);
+      return group[a] > group[b] || (group[a] == group[b] && a < b);
+    };
+    for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, boundary}, {boundary, num_blocks}}) {
+      std::vector<int64_t> side;
+      for (int64_t j = lo; j < hi; ++j) side.push_back(j);
+      std::sort(side.begin(), side.end(), leads);
+      for (size_t r = static_cast<size_t>(C / 2); r < side.size(); ++r) allowed[side[r]] = false;
+    }
+  }
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    if (forced(j) && allowed[j]) chosen.insert(j);
+  }
   std::vector<int64_t> rest;
   for (int64_t j = 0; j < num_blocks; ++j) {
-    if (chosen.count(j) == 0) rest.push_back(j);
+    if (chosen.count(j) == 0 && allowed[j]) rest.push_back(j);
   }
   // Highest score first; equal scores: lower block index first.
   std::stable_sort(rest.begin(), rest.end(), [&](int64_t a, int64_t b) { return group[a] > group[b]; });

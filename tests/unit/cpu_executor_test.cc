@@ -109,7 +109,7 @@ TEST_P(CpuExecutorVsRecompute, CachedDecodeChunkedPrefillAndPermutedPages) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllArchitectures, CpuExecutorVsRecompute,
-                         ::testing::Values("tiny-nsa", "tiny-llama-nsa", "tiny-nsa-paper", "tiny-llama",
+                         ::testing::Values("tiny-nsa", "tiny-llama-nsa", "tiny-llama-nsa-merge", "tiny-nsa-paper", "tiny-llama",
                                            "tiny-nsa-qkvbias", "tiny-llama-tied"),
                          [](const auto& info) {
                            std::string n = info.param;

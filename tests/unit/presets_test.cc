@@ -30,12 +30,14 @@ const TensorSpec* FindSpec(const std::vector<TensorSpec>& specs, const std::stri
 TEST(Presets, NamesAndParameterCounts) {
   EXPECT_EQ(PresetNames(), (std::vector<std::string>{"demo", "tiny-nsa", "tiny-llama-nsa", "tiny-nsa-paper",
                                                      "tiny-llama", "tiny-nsa-qkvbias", "tiny-llama-tied",
-                                                     "paper-nsa", "paper-dense", "fla-nsa", "fla-dense"}));
+                                                     "tiny-llama-nsa-merge", "paper-nsa", "paper-dense", "fla-nsa",
+                                                     "fla-dense"}));
   // Counted by hand from the shapes (docs/models.md shows the sums).
   const std::vector<std::pair<std::string, int64_t>> counts = {
       {"demo", 773504},           {"tiny-nsa", 367296},      {"tiny-llama-nsa", 108736},
       {"tiny-nsa-paper", 147520}, {"tiny-llama", 107200},    {"tiny-nsa-qkvbias", 369600},
-      {"tiny-llama-tied", 90624}, {"paper-nsa", 3012661760}, {"paper-dense", 2719900160},
+      {"tiny-llama-tied", 90624}, {"tiny-llama-nsa-merge", 108736},
+      {"paper-nsa", 3012661760},  {"paper-dense", 2719900160},
       {"fla-nsa", 2970575360},    {"fla-dense", 2955829760}};
   for (const auto& [name, count] : counts) {
     auto c = PresetConfig(name);
