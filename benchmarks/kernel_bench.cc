@@ -10,6 +10,13 @@
 // and V per KV head; dense: every token); the achieved bandwidth; that as a percentage of the
 // device-to-device copy bandwidth measured in the same run; dense time / NSA time. Prints a table and
 // writes JSON (--json). A measuring tool, never a test: it checks launch errors, not results.
+//
+// --prefill: instead, dense prefill of one sequence's chunk (--prefill_chunk tokens, default 2048)
+// starting at each of --prefill_contexts (default 0, 16k, 56k), paper geometry (64 query / 4 KV
+// heads, d_k 192, d_v 128) and llama8 (32 / 8, d 128): the tensor-core prefill path against the
+// simple kernel (DenseAttentionParams::simple_prefill) on the same input, and the prefill path with P
+// rounded to bf16 once (prefill_p_bf16); median time of CUDA-event timed launches, TFLOP/s
+// (2 (d_k + d_v) flops per (query head, attended key)), and the simple / prefill ratio.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -42,6 +49,10 @@ ABSL_FLAG(double, graph_ms, 4.0, "about how long one timed graph of calls runs")
 ABSL_FLAG(int64_t, rotation_mb, 256, "distinct bytes the calls of a graph read before repeating (L2: 50 MB)");
 ABSL_FLAG(double, memory_gb, 0.0, "device memory the caches may use (0: free memory minus 6 GB)");
 ABSL_FLAG(bool, single_kernel, false, "also time the single-kernel paths (no workspace) at 64k, batch 1 and 8");
+ABSL_FLAG(bool, prefill, false, "time dense prefill chunks (tensor-core path vs simple kernel) instead of decode");
+ABSL_FLAG(int, prefill_chunk, 2048, "--prefill: tokens per chunk");
+ABSL_FLAG(std::vector<std::string>, prefill_contexts, std::vector<std::string>({"0", "16384", "57344"}),
+          "--prefill: position of the chunk's first token");
 ABSL_FLAG(bool, profile, false, "launch each configuration's kernels once, untimed (for ncu), and exit");
 
 namespace needle::bench {
@@ -400,6 +411,86 @@ nlohmann::json RunSingleKernel(const Geometry& g, int64_t ctx, int batch, const 
   return r;
 }
 
+// ---- Dense prefill ------------------------------------------------------------------------------
+
+struct PrefillGeometry {
+  std::string name;
+  int heads, kv_heads, dk, dv;
+};
+
+// Median milliseconds of `reps` CUDA-event-timed launches (after `warmup` untimed ones).
+double MedianMs(const std::function<cudaError_t()>& launch, int warmup, int reps, cudaStream_t stream) {
+  for (int i = 0; i < warmup; ++i) BENCH_CHECK(launch());
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    BENCH_CHECK(cudaEventRecord(start, stream));
+    BENCH_CHECK(launch());
+    BENCH_CHECK(cudaEventRecord(stop, stream));
+    BENCH_CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  }
+  BENCH_CHECK(cudaEventDestroy(start));
+  BENCH_CHECK(cudaEventDestroy(stop));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+nlohmann::json RunPrefill(const PrefillGeometry& g, int64_t ctx, int chunk, cudaStream_t stream) {
+  const int64_t rows = ctx + chunk;
+  Pool pool = MakePool(1, g.kv_heads, PagesFor(rows), 0, g.dk, g.dv, 2.0f, 4242 + ctx, stream);
+  DeviceBuffer q(static_cast<size_t>(chunk) * g.heads * g.dk * 2), out(static_cast<size_t>(chunk) * g.heads * g.dv * 2);
+  BENCH_CHECK(FillUniformBf16(q.get(), static_cast<size_t>(chunk) * g.heads * g.dk, -2.0f, 2.0f, 77 + ctx, stream));
+  const int32_t host_cu[2] = {0, chunk}, host_start[1] = {static_cast<int32_t>(ctx)};
+  DeviceBuffer cu(sizeof(host_cu)), start(sizeof(host_start));
+  BENCH_CHECK(cudaMemcpy(cu.get(), host_cu, sizeof(host_cu), cudaMemcpyHostToDevice));
+  BENCH_CHECK(cudaMemcpy(start.get(), host_start, sizeof(host_start), cudaMemcpyHostToDevice));
+  kernels::DenseAttentionParams p;
+  p.q = static_cast<const __nv_bfloat16*>(q.get());
+  p.out = static_cast<__nv_bfloat16*>(out.get());
+  p.cu_tokens = static_cast<const int32_t*>(cu.get());
+  p.start_pos = static_cast<const int32_t*>(start.get());
+  p.num_seqs = 1;
+  p.num_tokens = chunk;
+  p.num_heads = g.heads;
+  p.num_kv_heads = g.kv_heads;
+  p.head_dim_qk = g.dk;
+  p.head_dim_v = g.dv;
+  p.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(g.dk)));
+  p.kv = pool.view;
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+  const double fast_ms = MedianMs([&] { return kernels::LaunchDenseAttention(p, nullptr, stream); }, 2, 15, stream);
+  kernels::DenseAttentionParams p_bf16 = p;
+  p_bf16.prefill_p_bf16 = true;
+  const double bf16_ms =
+      MedianMs([&] { return kernels::LaunchDenseAttention(p_bf16, nullptr, stream); }, 2, 15, stream);
+  kernels::DenseAttentionParams simple = p;
+  simple.simple_prefill = true;
+  auto launch_simple = [&] { return kernels::LaunchDenseAttention(simple, nullptr, stream); };
+  // The simple kernel takes up to seconds: the first launch (also its warm-up) decides the repetitions,
+  // and stands alone beyond a second.
+  const double first_ms = MedianMs(launch_simple, 0, 1, stream);
+  const int simple_reps = first_ms > 1000 ? 0 : first_ms > 200 ? 2 : 5;
+  const double simple_ms = simple_reps == 0 ? first_ms : MedianMs(launch_simple, 0, simple_reps, stream);
+  const double pairs = static_cast<double>(chunk) * ctx + 0.5 * chunk * (chunk + 1.0);  // (query, key) per head
+  const double flops = 2.0 * (g.dk + g.dv) * pairs * g.heads;
+  const double tflops = flops / (fast_ms * 1e-3) / 1e12, bf16_tflops = flops / (bf16_ms * 1e-3) / 1e12;
+  std::printf("%-7s %3d/%-2d %3d/%-3d %7lld %6d %10.3f %8.1f %10.3f %8.1f %12.2f %8.1f %9.1fx\n", g.name.c_str(),
+              g.heads, g.kv_heads, g.dk, g.dv, static_cast<long long>(ctx), chunk, fast_ms, tflops, bf16_ms,
+              bf16_tflops, simple_ms, flops / (simple_ms * 1e-3) / 1e12, simple_ms / fast_ms);
+  std::fflush(stdout);
+  return {{"geometry", g.name}, {"heads", g.heads},   {"kv_heads", g.kv_heads},   {"dk", g.dk},
+          {"dv", g.dv},         {"context", ctx},     {"chunk", chunk},           {"flops", flops},
+          {"median_ms", fast_ms}, {"tflops", tflops}, {"p_bf16_median_ms", bf16_ms}, {"p_bf16_tflops", bf16_tflops},
+          {"simple_median_ms", simple_ms},
+          {"simple_over_fast", simple_ms / fast_ms}, {"simple_reps", simple_reps == 0 ? 1 : simple_reps}};
+}
+
 std::vector<int64_t> ParseInts(const std::vector<std::string>& items) {
   std::vector<int64_t> out;
   for (const std::string& s : items) {
@@ -424,6 +515,44 @@ int Main() {
       std::fprintf(stderr, "unknown geometry %s (paper, fla)\n", name.c_str());
       return 2;
     }
+  }
+  if (absl::GetFlag(FLAGS_prefill)) {
+    std::vector<int64_t> prefill_contexts;
+    for (const std::string& c : absl::GetFlag(FLAGS_prefill_contexts)) {
+      int64_t v = -1;
+      if (!absl::SimpleAtoi(c, &v) || v < 0) {
+        std::fprintf(stderr, "not a context: %s\n", c.c_str());
+        return 2;
+      }
+      prefill_contexts.push_back(v);
+    }
+    cudaDeviceProp prop;
+    BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
+    cudaStream_t stream;
+    BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const int chunk = absl::GetFlag(FLAGS_prefill_chunk);
+    std::printf("device: %s, %d SMs; dense prefill of one %d-token chunk, batch 1, pages of %d rows\n", prop.name,
+                prop.multiProcessorCount, chunk, kPageRows);
+    std::printf("prefill: the tensor-core path (P as bf16 hi + lo); P bf16: the same with prefill_p_bf16; simple: the\n"
+                "one-block-per-(token, KV head) kernel; speedup = simple / prefill\n");
+    std::printf("%-7s %6s %7s %7s %6s %10s %8s %10s %8s %12s %8s %10s\n", "geom", "H/Hkv", "dk/dv", "context", "chunk",
+                "prefill ms", "TFLOP/s", "P bf16 ms", "TFLOP/s", "simple ms", "TFLOP/s", "speedup");
+    nlohmann::json doc = {{"device", prop.name},
+                          {"sms", prop.multiProcessorCount},
+                          {"mode", "prefill"},
+                          {"time_definition", "median of CUDA-event-timed launches (prefill: 15 after 2 warm-up)"},
+                          {"flops_definition", "2 (d_k + d_v) per (query head, attended key), causal"},
+                          {"prefill", nlohmann::json::array()}};
+    const std::string json_path = absl::GetFlag(FLAGS_json);
+    const PrefillGeometry kPrefillGeometries[] = {{"paper", 64, 4, 192, 128}, {"llama8", 32, 8, 128, 128}};
+    for (const PrefillGeometry& g : kPrefillGeometries) {
+      for (int64_t ctx : prefill_contexts) {
+        doc["prefill"].push_back(RunPrefill(g, ctx, chunk, stream));
+        if (!json_path.empty()) std::ofstream(json_path) << doc.dump(2) << "\n";
+      }
+    }
+    BENCH_CHECK(cudaStreamDestroy(stream));
+    return 0;
   }
   const std::vector<int64_t> contexts = ParseInts(absl::GetFlag(FLAGS_contexts));
   const std::vector<int64_t> batches = ParseInts(absl::GetFlag(FLAGS_batches));

@@ -1,7 +1,10 @@
 // Dense paged causal attention: the kernels and launchers declared in kernels/dense_attention.h.
-// Two paths:
-// - single kernel (prefill chunks, and decode without a workspace): one thread block per (query
-//   token, KV head) attends the G heads of the group over rows 0..t with detail::AttendHeads;
+// Three paths:
+// - single kernel (decode without a workspace, and prefill chunks of shapes the prefill path does
+//   not instantiate): one thread block per (query token, KV head) attends the G heads of the group
+//   over rows 0..t with detail::AttendHeads;
+// - tensor-core prefill (prefill chunks, d_k/d_v 192/128, 128/128, 64/64): DensePrefillKernel, one
+//   thread block per (64 (token, head) rows of a sequence, KV head), FlashAttention-2 style;
 // - split-KV decode: DensePartialKernel cuts rows 0..t of each (sequence, KV head) into splits of
 //   64-row chunks, one thread block each (kernels/split_kv_attention.cuh: GQA-packed tensor-core
 //   tiles, cp.async pipeline), and DenseMergeKernel merges the splits' softmax states per query head.
@@ -98,6 +101,141 @@ __global__ void __launch_bounds__(detail::kThreads) DenseAttentionKernel(const D
       });
 }
 
+// ---- Tensor-core prefill (FlashAttention-2 style) ----------------------------------------------
+//
+// A CTA (4 warps) owns one tile of kRows = 64 rows of one sequence's chunk and one KV head: rows are
+// (query token, head of the group) pairs, tile row r = token r / G, head r % G, so a tile holds
+// tpt = 64 / G tokens (G 16: 4 tokens; G 1: 64; G 64: one). Warp w owns tile rows 16w..16w+15 for
+// the whole key range (no cross-warp merge). The CTA walks keys 0..(its last token's position) in
+// 64-row chunks from the paged cache, two chunks in flight (IssueChunk: page-table lookup per row,
+// 16-byte cp.async); per chunk each warp computes its 16x64 scores, one online-softmax update in
+// fp32 (log2 domain) and P.V on bf16 tensor cores (ComputeChunkRows; P as bf16 hi + lo, or plain
+// bf16 with params.prefill_p_bf16). Chunks that end at or before the tile's first position skip the
+// causal mask.
+//
+// Tiles of sequence s are numbered base(s) .. base(s) + ceil(len_s / tpt) - 1 with
+// base(s) = cu_tokens[s] / tpt + s: increasing in s, disjoint, and at most
+// num_tokens / tpt + num_seqs in all, so the grid is sized on the host without reading cu_tokens; a
+// CTA finds its sequence by binary search and exits when its tile is past the sequence's chunk.
+// The KV head is the fastest grid index, and tiles run from the last one down (later tokens of a
+// sequence have more keys: the long CTAs start first).
+constexpr int kPrefillTileRows = sk::kRows;
+
+__host__ __device__ inline int PrefillTokensPerTile(int G) { return G >= kPrefillTileRows ? 1 : kPrefillTileRows / G; }
+
+// Resident CTAs per SM the register budget is cut for: shared memory allows 2 (d_k 192: 88 KB per
+// CTA), 3 (d 128: 71 KB) and 6 (d 64: 37 KB).
+constexpr int PrefillMinBlocks(int dk) { return dk <= 64 ? 4 : dk <= 128 ? 3 : 2; }
+
+template <int DK, int DV, bool kSplitP>
+__global__ void __launch_bounds__(sk::kThreads, PrefillMinBlocks(DK))
+    DensePrefillKernel(const DenseAttentionParams p, int tpt) {
+  extern __shared__ __align__(16) char smem[];
+  const int warp = threadIdx.x / detail::kWarpSize, lane = threadIdx.x % detail::kWarpSize;
+  const int G = p.num_heads / p.num_kv_heads;
+  const int kv_head = blockIdx.x % p.num_kv_heads;
+  const int tile = static_cast<int>(gridDim.x / p.num_kv_heads) - 1 - static_cast<int>(blockIdx.x / p.num_kv_heads);
+  int lo = 0, hi = p.num_seqs - 1;  // the largest s with base(s) <= tile
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.cu_tokens[mid] / tpt + mid <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int seq = lo;
+  const int first = p.cu_tokens[seq] + (tile - (p.cu_tokens[seq] / tpt + seq)) * tpt;  // packed token index
+  const int ntok = min(tpt, p.cu_tokens[seq + 1] - first);
+  if (ntok <= 0) return;  // uniform over the CTA
+  const int64_t pos0 = static_cast<int64_t>(p.start_pos[seq]) + (first - p.cu_tokens[seq]);
+  const int64_t keys = detail::MaxI64(0, pos0 + ntok);  // keys 0..keys-1
+  const int chunks = static_cast<int>((keys + sk::kRows - 1) / sk::kRows);
+  const int valid_rows = ntok * G;
+  const bool active = warp * 16 < valid_rows;
+  const int64_t head0 = static_cast<int64_t>(first) * p.num_heads + static_cast<int64_t>(kv_head) * G;
+  const int H = p.num_heads;
+  // Tile row r -> its element offset in q/out rows ([token][H] heads), or -1 when absent.
+  auto row_index = [=](int r) -> int64_t {
+    return r < valid_rows ? head0 + static_cast<int64_t>(r / G) * H + (r % G) : -1;
+  };
+  const detail::RowSource src = detail::PagedRows(p.kv, seq, kv_head, DK, DV);
+  auto chunk_of = [=](int c) {
+    const int64_t b = static_cast<int64_t>(c) * sk::kRows;
+    return sk::ChunkRange{b, b, detail::MinI64(keys, b + sk::kRows)};
+  };
+  auto identity = [](int64_t f) { return f; };
+  for (int c = 0; c < chunks && c < sk::kStages; ++c) sk::IssueChunk<DK, DV>(smem, c, src, identity, chunk_of(c));
+
+  sk::WarpState<DV> st;
+#pragma unroll
+  for (int n = 0; n < DV / 8; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.0f;
+  st.m[0] = st.m[1] = -INFINITY;
+  st.l[0] = st.l[1] = 0.0f;
+  uint32_t qf[DK / 16][4];
+  sk::LoadQueryFragmentRows<DK>(
+      [&](int r) -> const detail::bf16* {
+        const int64_t i = row_index(r);
+        return i < 0 ? nullptr : p.q + i * DK;
+      },
+      warp, lane, qf);
+  // Positions of the lane's two tile rows (rows lane/4 and lane/4 + 8 of the warp's 16); an absent
+  // row gets -1 (attends nothing).
+  int64_t row_pos[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + lane / 4 + 8 * i;
+    row_pos[i] = r < valid_rows ? pos0 + r / G : -1;
+  }
+  const float scale_log2 = p.softmax_scale * sk::kLog2e;
+  // Two barriers per chunk: chunk c + 2's row addresses go to the table slot of stage c % kStages
+  // (last read when chunk c was issued, two barriers ago) before chunk c is computed, so that the
+  // barrier after the computation also publishes them (IssueChunk would add a third).
+  for (int c = 0; c < chunks; ++c) {
+    const sk::ChunkRange r = chunk_of(c);
+    if (c + 1 < chunks) {
+      detail::CpAsyncWait<1>();
+    } else {
+      detail::CpAsyncWait<0>();
+    }
+    __syncthreads();
+    if (c + sk::kStages < chunks) {
+      sk::StageRowPointers<DK, DV>(smem, c % sk::kStages, src, identity, chunk_of(c + sk::kStages));
+    }
+    if (active) {
+      const int rows = static_cast<int>(r.end - r.score_begin);
+      const bool masked = r.score_begin + sk::kRows - 1 > pos0;
+      int col_end[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        col_end[i] = static_cast<int>(detail::MaxI64(0, detail::MinI64(rows, row_pos[i] - r.score_begin + 1)));
+      }
+      sk::ComputeChunkRows<DK, DV, kSplitP>(smem, c % sk::kStages, qf, rows, masked, col_end, scale_log2, st);
+    }
+    __syncthreads();  // stage c % kStages is free; its row addresses for chunk c + 2 are visible
+    if (c + sk::kStages < chunks) sk::CopyChunk<DK, DV>(smem, c % sk::kStages, src, chunk_of(c + sk::kStages));
+  }
+  if (!active) return;
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
+    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
+    inv[i] = st.l[i] > 0.0f ? 1.0f / st.l[i] : 0.0f;  // no keys (negative start_pos): zeros, as the simple kernel
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t idx = row_index(warp * 16 + lane / 4 + 8 * i);
+    if (idx < 0) continue;
+    detail::bf16* out = p.out + idx * DV + 2 * (lane % 4);
+#pragma unroll
+    for (int n = 0; n < DV / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(out + n * 8) =
+          detail::PackBf16(st.o[n][2 * i] * inv[i], st.o[n][2 * i + 1] * inv[i]);
+    }
+  }
+}
+
 bool ParamsValid(const DenseAttentionParams& p) {
   if (p.num_seqs < 0 || p.num_tokens < 0 || p.num_heads < 1 || p.num_kv_heads < 1) return false;
   if (p.num_heads % p.num_kv_heads != 0 || p.num_kv_heads > 65535) return false;
@@ -166,7 +304,26 @@ cudaError_t DenseSplitKv(const DenseAttentionParams& p, void* workspace, size_t 
   return sk::LaunchWithPdl(DenseMergeKernel, dim3(static_cast<unsigned>(pairs * G)), dim3(sk::kMergeThreads), 0, stream, a);
 }
 
+template <int DK, int DV>
+cudaError_t LaunchDensePrefill(const DenseAttentionParams& p, cudaStream_t stream) {
+  const int G = p.num_heads / p.num_kv_heads;
+  const int tpt = PrefillTokensPerTile(G);
+  const int64_t tiles = static_cast<int64_t>(p.num_tokens) / tpt + p.num_seqs;
+  const int64_t blocks = tiles * p.num_kv_heads;
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  auto kernel = p.prefill_p_bf16 ? DensePrefillKernel<DK, DV, false> : DensePrefillKernel<DK, DV, true>;
+  const size_t smem = sk::Tile<DK, DV>::kAuxOffset;
+  const cudaError_t e = detail::AllowDynamicSmem(kernel, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<dim3(static_cast<unsigned>(blocks)), sk::kThreads, smem, stream>>>(p, tpt);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+bool DenseAttentionPrefillSupported(int head_dim_qk, int head_dim_v, int group_size) {
+  return DenseAttentionSplitKvSupported(head_dim_qk, head_dim_v, group_size);
+}
 
 bool DenseAttentionSplitKvSupported(int head_dim_qk, int head_dim_v, int group_size) {
   if (!DenseAttentionSupported(head_dim_qk, head_dim_v, group_size)) return false;
@@ -205,6 +362,12 @@ cudaError_t LaunchDenseAttention(const DenseAttentionParams& p, void* workspace,
                                                                  &planned);
     });
     if (planned || e != cudaSuccess) return e;
+  }
+  if (p.cu_tokens != nullptr && !p.simple_prefill &&
+      DenseAttentionPrefillSupported(p.head_dim_qk, p.head_dim_v, p.num_heads / p.num_kv_heads)) {
+    return DispatchSplitKvHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) {
+      return LaunchDensePrefill<decltype(dims)::qk, decltype(dims)::v>(p, stream);
+    });
   }
   return detail::DispatchHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) -> cudaError_t {
     constexpr int kDk = decltype(dims)::qk, kDv = decltype(dims)::v;

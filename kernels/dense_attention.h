@@ -44,6 +44,14 @@ struct DenseAttentionParams {
   // Split-KV path only: 0 picks the chunks (64 rows each) per thread block from the batch shape and
   // the device; k > 0 makes every split k chunks (tests and tuning).
   int chunks_per_split = 0;
+  // Prefill chunks only: true runs the simple one-block-per-(token, KV head) kernel even where the
+  // tensor-core prefill path applies (tests and benchmarks).
+  bool simple_prefill = false;
+  // Tensor-core prefill path only: round the softmax probabilities P to bf16 once before P.V, as
+  // FlashAttention does (faster: half the P.V tensor-core work; each output element off by up to
+  // 2^-8 max|v| more). The default carries P as a bf16 hi + lo pair (~16 mantissa bits, the decode
+  // path's precision), which keeps every element within the tests' 2e-4 + 1e-2 |e| of the reference.
+  bool prefill_p_bf16 = false;
 };
 
 bool DenseAttentionSupported(int head_dim_qk, int head_dim_v, int group_size);
@@ -52,9 +60,17 @@ bool DenseAttentionSupported(int head_dim_qk, int head_dim_v, int group_size);
 // DenseAttentionSplitKvWorkspaceBytes.
 size_t DenseAttentionWorkspaceBytes(int num_tokens, int num_kv_heads, int group_size, int max_context);
 
-// One thread block per (query token, KV head). cudaErrorInvalidValue for unsupported or
-// inconsistent params (nothing launched); otherwise the launch status.
+// Decode: one thread block per (query token, KV head). Prefill chunks (cu_tokens != nullptr): the
+// tensor-core prefill path where DenseAttentionPrefillSupported (no workspace; `workspace` is
+// ignored), else the same simple kernel. cudaErrorInvalidValue for unsupported or inconsistent
+// params (nothing launched); otherwise the launch status.
 cudaError_t LaunchDenseAttention(const DenseAttentionParams& params, void* workspace, cudaStream_t stream);
+
+// Whether prefill chunks with these head dims and group size run the tensor-core prefill path
+// (FlashAttention-2 style: a thread block takes 64 (query token, head of the group) rows of one
+// sequence and KV head, walks the keys 0..last position in 64-row chunks, online softmax in fp32,
+// bf16 mma.sync; no workspace). Today d_k/d_v 192/128, 128/128 and 64/64, G <= 64.
+bool DenseAttentionPrefillSupported(int head_dim_qk, int head_dim_v, int group_size);
 
 // Whether the split-KV decode path runs these head dims and group size (today d_k/d_v 192/128,
 // 128/128 and 64/64, G <= 64).
@@ -68,9 +84,10 @@ size_t DenseAttentionSplitKvWorkspaceBytes(const DenseAttentionParams& params);
 
 // Decode split across thread blocks: chunks of 64 rows per block, the G heads of a group packed as
 // the rows of tensor-core tiles, partial softmax states merged by log-sum-exp in a second kernel.
-// Runs the single-kernel path when workspace is null, for prefill chunks, max_context 0, an
-// unsupported shape, or a workspace too small for one split per sequence. The workspace needs no
-// initialisation and must not be shared with concurrent work.
+// Runs what the three-argument launcher runs (prefill chunks: the tensor-core prefill path or the
+// simple kernel; decode: the single-kernel path) when workspace is null, for prefill chunks,
+// max_context 0, an unsupported shape, or a workspace too small for one split per sequence. The
+// workspace needs no initialisation and must not be shared with concurrent work.
 cudaError_t LaunchDenseAttention(const DenseAttentionParams& params, void* workspace, size_t workspace_bytes,
                                  cudaStream_t stream);
 

@@ -100,12 +100,45 @@ __device__ __forceinline__ void LoadQueryFragments(const bf16* q, int G, int mt,
   }
 }
 
-// Starts the copy of one chunk's K/V rows into pipeline stage `stage`. Rows past the chunk, up to the
-// next multiple of 16, are zero-filled (a sub-tile is computed whole; its padding rows must not be
-// NaN). Every thread must call it (it synchronises once: row addresses go through shared memory so
-// each page-table lookup happens once per row).
+// A fragments of head tile `mt` of a tile whose row r lives at row_ptr(r) (a [DK] bf16 row), or is
+// absent (nullptr: zeros). LoadQueryFragments is the case row_ptr(r) = r < G ? q + r DK : nullptr;
+// a prefill tile packs (query token, head) pairs as its rows.
+template <int DK, class RowPtr>
+__device__ __forceinline__ void LoadQueryFragmentRows(RowPtr row_ptr, int mt, int lane, uint32_t (&qf)[DK / 16][4]) {
+  const int r0 = mt * 16 + lane / 4, c = 2 * (lane % 4);
+  const bf16* q0 = row_ptr(r0);
+  const bf16* q1 = row_ptr(r0 + 8);
+#pragma unroll
+  for (int kk = 0; kk < DK / 16; ++kk) {
+    const int col = kk * 16 + c;
+    qf[kk][0] = q0 != nullptr ? *reinterpret_cast<const uint32_t*>(q0 + col) : 0u;
+    qf[kk][1] = q1 != nullptr ? *reinterpret_cast<const uint32_t*>(q1 + col) : 0u;
+    qf[kk][2] = q0 != nullptr ? *reinterpret_cast<const uint32_t*>(q0 + col + 8) : 0u;
+    qf[kk][3] = q1 != nullptr ? *reinterpret_cast<const uint32_t*>(q1 + col + 8) : 0u;
+  }
+}
+
+// The two halves of IssueChunk, for callers that hide the barrier between them behind other work:
+// StageRowPointers writes the K/V row addresses of chunk `r` to stage `stage`'s slot of the row
+// address table (one page-table lookup per row, threads 0..rows-1); after a __syncthreads, every
+// thread calls CopyChunk, which starts the copy. The slot must no longer be read by an earlier
+// CopyChunk of the same stage (a barrier in between).
 template <int DK, int DV, class RowOf>
-__device__ void IssueChunk(char* smem, int stage, const RowSource& src, RowOf row_of, const ChunkRange& r) {
+__device__ __forceinline__ void StageRowPointers(char* smem, int stage, const RowSource& src, RowOf row_of,
+                                                 const ChunkRange& r) {
+  using T = Tile<DK, DV>;
+  const bf16** rk = reinterpret_cast<const bf16**>(smem + T::kPipeBytes) + stage * 2 * kRows;
+  const bf16** rv = rk + kRows;
+  const int rows = static_cast<int>(r.end - r.score_begin);
+  if (static_cast<int>(threadIdx.x) < rows) {
+    const int64_t row = row_of(r.score_begin + threadIdx.x);
+    rk[threadIdx.x] = src.K(row);
+    rv[threadIdx.x] = src.V(row);
+  }
+}
+
+template <int DK, int DV>
+__device__ void CopyChunk(char* smem, int stage, const RowSource& src, const ChunkRange& r) {
   using T = Tile<DK, DV>;
   bf16* ks = reinterpret_cast<bf16*>(smem + stage * T::kStageBytes);
   bf16* vs = ks + kRows * T::kKStride;
@@ -113,12 +146,6 @@ __device__ void IssueChunk(char* smem, int stage, const RowSource& src, RowOf ro
   const bf16** rv = rk + kRows;
   const int rows = static_cast<int>(r.end - r.score_begin);
   const int fill = (rows + 15) & ~15;
-  if (static_cast<int>(threadIdx.x) < rows) {
-    const int64_t row = row_of(r.score_begin + threadIdx.x);
-    rk[threadIdx.x] = src.K(row);
-    rv[threadIdx.x] = src.V(row);
-  }
-  __syncthreads();
   for (int i = threadIdx.x; i < fill * T::kKSegs; i += kThreads) {
     const int row = i / T::kKSegs, seg = i - row * T::kKSegs;
     const bool valid = row < rows;
@@ -130,6 +157,17 @@ __device__ void IssueChunk(char* smem, int stage, const RowSource& src, RowOf ro
     CpAsync16(vs + row * T::kVStride + seg * 8, valid ? rv[row] + seg * 8 : src.v, valid);
   }
   CpAsyncCommit();
+}
+
+// Starts the copy of one chunk's K/V rows into pipeline stage `stage`. Rows past the chunk, up to the
+// next multiple of 16, are zero-filled (a sub-tile is computed whole; its padding rows must not be
+// NaN). Every thread must call it (it synchronises once: row addresses go through shared memory so
+// each page-table lookup happens once per row).
+template <int DK, int DV, class RowOf>
+__device__ void IssueChunk(char* smem, int stage, const RowSource& src, RowOf row_of, const ChunkRange& r) {
+  StageRowPointers<DK, DV>(smem, stage, src, row_of, r);
+  __syncthreads();
+  CopyChunk<DK, DV>(smem, stage, src, r);
 }
 
 // Where a CTA leaves the scores s (log2 domain) of each chunk, if anywhere: `tile` holds one chunk
@@ -224,6 +262,114 @@ __device__ void ComputeChunk(const char* smem, int stage, const uint32_t (&qf)[D
       MmaBf16(st.o[2 * dn], lo, b[0], b[1]);
       MmaBf16(st.o[2 * dn + 1], hi, b[2], b[3]);
       MmaBf16(st.o[2 * dn + 1], lo, b[2], b[3]);
+    }
+  }
+}
+
+// FlashAttention-2 style step (prefill): one warp's own 16 query rows (A fragments qf) against every
+// row of the chunk in stage `stage`, one online-softmax update per chunk (not per 16-row sub-tile as
+// ComputeChunk), then P.V. Chunk row j is attended by the lane's tile row i (i = 0: lane/4, 1:
+// lane/4 + 8) when j < col_end[i] (<= rows; 0 for an absent row) if `masked`, else when j < rows ==
+// kRows (a full chunk every row attends: the caller's unmasked fast path). Rows past `rows` (stale
+// or zero-filled shared memory) never enter P.V. kSplitP: P as bf16 hi + lo (ComputeChunk's
+// precision, twice the P.V MMAs); otherwise P is rounded to bf16 once, as FlashAttention does.
+template <int DK, int DV, bool kSplitP>
+__device__ __forceinline__ void ComputeChunkRows(const char* smem, int stage, const uint32_t (&qf)[DK / 16][4],
+                                                 int rows, bool masked, const int (&col_end)[2], float scale_log2,
+                                                 WarpState<DV>& st) {
+  using T = Tile<DK, DV>;
+  constexpr int kSubs = kRows / 16;
+  const int lane = threadIdx.x % kWarpSize;
+  const bf16* ks = reinterpret_cast<const bf16*>(smem + stage * T::kStageBytes);
+  const bf16* vs = ks + kRows * T::kKStride;
+  // S = Q K^T for the whole chunk: 2 kSubs independent accumulator chains per k-step. Sub-tiles past
+  // `rows` are computed from stale rows and then masked (the mask replaces, never multiplies).
+  float s[2 * kSubs][4];
+#pragma unroll
+  for (int nt = 0; nt < 2 * kSubs; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < DK / 16; ++kk) {
+#pragma unroll
+    for (int sub = 0; sub < kSubs; ++sub) {
+      uint32_t b[4];
+      LdMatrixX4(b, ks + (sub * 16 + ((lane >> 4) << 3) + (lane & 7)) * T::kKStride + kk * 16 + ((lane >> 3) & 1) * 8);
+      MmaBf16(s[2 * sub], qf[kk], b[0], b[1]);
+      MmaBf16(s[2 * sub + 1], qf[kk], b[2], b[3]);
+    }
+  }
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < 2 * kSubs; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = s[nt][e] * scale_log2;
+      if (masked) {
+        const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
+        v = col < col_end[e >> 1] ? v : -INFINITY;
+      }
+      s[nt][e] = v;
+      mx[e >> 1] = fmaxf(mx[e >> 1], v);
+    }
+  }
+  float corr[2], base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    const float m_new = fmaxf(st.m[i], mx[i]);
+    base[i] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing attended yet stays empty
+    corr[i] = Exp2Ftz(st.m[i] - base[i]);
+    st.m[i] = m_new;
+  }
+  float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int nt = 0; nt < 2 * kSubs; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = Exp2Ftz(s[nt][e] - base[e >> 1]);
+      rs[e >> 1] += s[nt][e];
+    }
+  }
+  st.l[0] = st.l[0] * corr[0] + rs[0];
+  st.l[1] = st.l[1] * corr[1] + rs[1];
+  // Once the row maxima settle, most chunks leave every row's max alone: skip the rescale.
+  if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+#pragma unroll
+    for (int n = 0; n < DV / 8; ++n) {
+      st.o[n][0] *= corr[0];
+      st.o[n][1] *= corr[0];
+      st.o[n][2] *= corr[1];
+      st.o[n][3] *= corr[1];
+    }
+  }
+  const int subs = (rows + 15) >> 4;
+#pragma unroll
+  for (int sub = 0; sub < kSubs; ++sub) {
+    if (sub >= subs) break;
+    // The S fragments of key tiles 2 sub and 2 sub + 1 are the two k halves of a 16x16 A fragment.
+    uint32_t hi[4], lo[4];
+    if (kSplitP) {
+      SplitBf16(s[2 * sub][0], s[2 * sub][1], &hi[0], &lo[0]);
+      SplitBf16(s[2 * sub][2], s[2 * sub][3], &hi[1], &lo[1]);
+      SplitBf16(s[2 * sub + 1][0], s[2 * sub + 1][1], &hi[2], &lo[2]);
+      SplitBf16(s[2 * sub + 1][2], s[2 * sub + 1][3], &hi[3], &lo[3]);
+    } else {
+      hi[0] = PackBf16(s[2 * sub][0], s[2 * sub][1]);
+      hi[1] = PackBf16(s[2 * sub][2], s[2 * sub][3]);
+      hi[2] = PackBf16(s[2 * sub + 1][0], s[2 * sub + 1][1]);
+      hi[3] = PackBf16(s[2 * sub + 1][2], s[2 * sub + 1][3]);
+    }
+#pragma unroll
+    for (int dn = 0; dn < DV / 16; ++dn) {
+      uint32_t b[4];
+      const int vrow = sub * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+      LdMatrixX4Trans(b, vs + vrow * T::kVStride + dn * 16 + (lane >> 4) * 8);
+      MmaBf16(st.o[2 * dn], hi, b[0], b[1]);
+      MmaBf16(st.o[2 * dn + 1], hi, b[2], b[3]);
+      if (kSplitP) {
+        MmaBf16(st.o[2 * dn], lo, b[0], b[1]);
+        MmaBf16(st.o[2 * dn + 1], lo, b[2], b[3]);
+      }
     }
   }
 }

@@ -76,6 +76,15 @@ __device__ __forceinline__ void SplitBf16(float x0, float x1, uint32_t* hi, uint
   *lo = PackBf16(x0 - hf.x, x1 - hf.y);
 }
 
+// 2^x with one MUFU.EX2 (inputs below -126 flush to +0; -inf gives +0): exp2f without the
+// denormal-range fix-up it compiles to outside --use_fast_math. For softmax probabilities, whose
+// values below 2^-126 do not matter.
+__device__ __forceinline__ float Exp2Ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Programmatic dependent launch. A kernel launched with the programmatic-serialization attribute may
 // start while its predecessor in the stream still runs; WaitForPrerequisiteGrids blocks until that
 // predecessor has completed and its writes are visible (a no-op without the attribute).

@@ -33,6 +33,9 @@ ABSL_FLAG(double, kv_cache_fraction, 0,
 ABSL_FLAG(int64_t, max_seq_tokens, 0,
           "longest sequence (prompt + output) the KV pools are sized for; 0: the model's context. "
           "One such sequence must fit in the KV budget");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "cuda backend: replay pure-decode steps from CUDA graphs captured per batch bucket; false runs every "
+          "step launch by launch");
 ABSL_FLAG(int, max_queue, 1024, "waiting requests at most; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error or off");
 ABSL_FLAG(double, grace_period_s, 30, "on SIGINT/SIGTERM, seconds in-flight requests may take to finish");
@@ -66,7 +69,9 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("needle-server: gRPC inference server for Native Sparse Attention models");
   absl::ParseCommandLine(argc, argv);
 #ifdef NEEDLE_HAVE_CUDA
-  needle::engine::cuda::RegisterCudaBackend();
+  needle::engine::cuda::CudaBackendOptions cuda_options;
+  cuda_options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  needle::engine::cuda::RegisterCudaBackend(cuda_options);
 #endif
 
   const std::string level = absl::GetFlag(FLAGS_log_level);

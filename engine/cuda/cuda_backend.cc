@@ -56,13 +56,14 @@ absl::StatusOr<int64_t> CudaKvMemory(const ModelConfig& model, int max_tokens_pe
   return left;
 }
 
-void RegisterCudaBackend() {
-  ExecutorFactory factory = [](std::shared_ptr<const ModelWeights> weights, const KvCacheConfig& cache,
-                               const ExecutorLimits& limits) -> absl::StatusOr<std::unique_ptr<Executor>> {
+void RegisterCudaBackend(const CudaBackendOptions& options) {
+  ExecutorFactory factory = [options](std::shared_ptr<const ModelWeights> weights, const KvCacheConfig& cache,
+                                      const ExecutorLimits& limits) -> absl::StatusOr<std::unique_ptr<Executor>> {
     CudaExecutorConfig config;
     config.max_tokens_per_step = limits.max_tokens_per_step;
     config.max_seqs_per_step = limits.max_seqs_per_step;
     config.max_context = limits.max_context;
+    config.cuda_graphs = options.cuda_graphs;
     absl::StatusOr<std::unique_ptr<CudaExecutor>> e = CudaExecutor::Create(*weights, cache, config);
     if (!e.ok()) return e.status();
     return std::unique_ptr<Executor>(std::move(e).value());

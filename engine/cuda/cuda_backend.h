@@ -11,8 +11,13 @@
 
 namespace needle::engine::cuda {
 
+// Options of the executors the "cuda" backend builds.
+struct CudaBackendOptions {
+  bool cuda_graphs = true;  // CudaExecutorConfig::cuda_graphs (flag --cuda_graphs)
+};
+
 // Registers "cuda": the CudaExecutor on device 0, K/V pools sized at 2 bytes per element (bf16).
-void RegisterCudaBackend();
+void RegisterCudaBackend(const CudaBackendOptions& options = {});
 
 // Whether at least one CUDA device is usable (clears the error when there is none).
 bool CudaDeviceAvailable();

@@ -10,13 +10,21 @@
 // chunks (window) and of every token (staging), after attention because a chunk longer than a ring
 // wraps over rows its own earlier queries read; o_proj accumulating into the residual; RMSNorm;
 // gate|up GEMM; SwiGLU; down GEMM accumulating.
+//
+// Pure-decode steps (every sequence one token) of at most the largest batch bucket run from CUDA
+// graphs: the step is padded to its bucket (step_plan.h's DecodePadding), so that the plan layout
+// and every launch parameter depend only on the bucket, captured on first use and replayed after
+// the host has refilled the same pinned plan buffer. The logits copy to the caller's (pageable,
+// per-step) vector stays outside the graph.
 #include "engine/cuda/cuda_executor.h"
 
 #include <cublasLt.h>
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "engine/base/status_macros.h"
@@ -30,6 +38,7 @@
 #include "kernels/rms_norm.h"
 #include "kernels/rope.h"
 #include "kernels/swiglu.h"
+#include "spdlog/spdlog.h"
 
 namespace needle::engine::cuda {
 namespace {
@@ -163,6 +172,19 @@ absl::Status CudaExecutor::Init(const ModelWeights& weights, const KvCacheConfig
   int64_t entries[kNumPools];
   for (int p = 0; p < kNumPools; ++p) entries[p] = per_seq[p];
   NEEDLE_RETURN_IF_ERROR(EnsurePlanCapacity(StepPlanBytesBound(geo_, entries)));
+
+  // Decode-graph buckets: powers of two up to the largest batch one graph can take. A graph computes
+  // all its rows' logits in one pass (the copy out is not in the graph), hence max_logit_rows.
+  if (config_.cuda_graphs) {
+    const int cap = std::min({config_.max_seqs_per_step, config_.max_tokens_per_step, config_.max_logit_rows});
+    for (int64_t b = 1; b < cap; b *= 2) buckets_.push_back(static_cast<int>(b));
+    buckets_.push_back(cap);
+    // Padded page-table rows as long as a sequence spanning the whole context needs, so that a graph
+    // serves every step of its bucket; the plan buffer above is already sized for that.
+    for (int p = 0; p < kNumPools; ++p) {
+      if (layout.has_pool[p]) graph_table_stride_[p] = static_cast<int32_t>(std::max<int64_t>(entries[p], 1));
+    }
+  }
   // The weight copies ran on the legacy stream, which the non-blocking compute stream does not wait for.
   NEEDLE_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return absl::OkStatus();
@@ -170,8 +192,31 @@ absl::Status CudaExecutor::Init(const ModelWeights& weights, const KvCacheConfig
 
 CudaExecutor::~CudaExecutor() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  for (auto& [key, g] : graphs_) {
+    if (g.exec != nullptr) cudaGraphExecDestroy(g.exec);
+  }
   if (cublas_ != nullptr) cublasLtDestroy(cublas_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+CudaExecutor::GraphStats CudaExecutor::graph_stats() const {
+  GraphStats s = graph_stats_;
+  s.live_graphs = 0;
+  for (const auto& [key, g] : graphs_) s.live_graphs += g.exec != nullptr ? 1 : 0;
+  return s;
+}
+
+void CudaExecutor::DropGraphs() {
+  bool any = false;
+  for (auto it = graphs_.begin(); it != graphs_.end();) {
+    if (it->second.exec != nullptr) {
+      cudaGraphExecDestroy(it->second.exec);
+      any = true;
+    }
+    // A key whose capture failed stays failed; the others are captured again when next needed.
+    it = it->second.failed ? std::next(it) : graphs_.erase(it);
+  }
+  if (any) ++graph_stats_.invalidations;
 }
 
 int64_t CudaExecutor::device_bytes() const {
@@ -189,6 +234,7 @@ absl::Status CudaExecutor::EnsurePlanCapacity(size_t bytes) {
   if (bytes <= plan_host_.bytes() && bytes <= plan_dev_.bytes()) return absl::OkStatus();
   // The previous step's upload may still read the pinned buffer.
   if (stream_ != nullptr) NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  DropGraphs();  // they upload from and read the old buffers
   const size_t n = std::max(bytes, 2 * plan_host_.bytes());
   NEEDLE_RETURN_IF_ERROR(plan_host_.Allocate(n, "the step plan (host)"));
   NEEDLE_RETURN_IF_ERROR(plan_dev_.Allocate(n, "the step plan (device)"));
@@ -198,6 +244,7 @@ absl::Status CudaExecutor::EnsurePlanCapacity(size_t bytes) {
 absl::Status CudaExecutor::EnsureCompressWorkspace(size_t bytes) {
   if (bytes <= compress_workspace_.bytes()) return absl::OkStatus();
   if (stream_ != nullptr) NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  DropGraphs();
   return compress_workspace_.Allocate(std::max(bytes, 2 * compress_workspace_.bytes()), "the compression workspace");
 }
 
@@ -235,6 +282,7 @@ absl::Status CudaExecutor::EnsureAttentionWorkspace(int num_decodes, int num_tok
   }
   if (bytes <= attention_workspace_.bytes()) return absl::OkStatus();
   if (stream_ != nullptr) NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  DropGraphs();
   return attention_workspace_.Allocate(bytes, "the attention workspace");
 }
 
@@ -300,12 +348,55 @@ absl::Status CudaExecutor::Gemm(int64_t rows, int64_t in, int64_t out, const bf1
 
 absl::Status CudaExecutor::Run(const StepPlan& plan, StepOutput* out) {
   NEEDLE_CUDA_RETURN_IF_ERROR(cudaSetDevice(config_.device));
-  NEEDLE_ASSIGN_OR_RETURN(StepPlanLayout sp, LayoutStepPlan(plan, geo_));
+  DecodePadding pad;
+  if (GraphPaddingFor(plan, &pad)) {
+    const auto it = graphs_.find(GraphKey{pad.num_seqs, pad.num_items});
+    if (it == graphs_.end() || !it->second.failed) {
+      // A step the padded layout refuses is refused (with its proper status) by the eager path.
+      absl::StatusOr<StepPlanLayout> sp = LayoutStepPlan(plan, geo_, &pad);
+      if (sp.ok()) {
+        bool ran = false;
+        NEEDLE_RETURN_IF_ERROR(RunGraph(plan, *sp, out, &ran));
+        if (ran) return absl::OkStatus();
+      }
+    }
+  }
+  return RunEager(plan, out);
+}
+
+bool CudaExecutor::GraphPaddingFor(const StepPlan& plan, DecodePadding* pad) const {
+  if (buckets_.empty() || plan.seqs.empty() || static_cast<int64_t>(plan.seqs.size()) > buckets_.back()) return false;
+  int items = 0;
+  for (const SeqStep& s : plan.seqs) {
+    if (s.tokens.size() != 1 || s.pages == nullptr) return false;
+    for (int p = 0; p < kNumPools; ++p) {
+      if (geo_.layout.has_pool[p] && static_cast<int64_t>(s.pages->table[p].size()) > graph_table_stride_[p]) {
+        return false;
+      }
+    }
+    items += CompressedCompletedAt(geo_, s.start_pos);
+  }
+  const int n = static_cast<int>(plan.seqs.size());
+  pad->num_seqs = *std::lower_bound(buckets_.begin(), buckets_.end(), n);
+  // Compressed tokens completed (0 or 1 per decode) in power-of-two buckets of their own, so that the
+  // 15 of 16 batch-1 steps that complete none (paper geometry, d = 16) run no compression at all.
+  int item_bucket = 0;
+  if (items > 0) {
+    item_bucket = 1;
+    while (item_bucket < items) item_bucket *= 2;
+    item_bucket = std::min(item_bucket, pad->num_seqs);
+  }
+  pad->num_items = item_bucket;
+  std::copy(std::begin(graph_table_stride_), std::end(graph_table_stride_), pad->table_stride);
+  return true;
+}
+
+absl::Status CudaExecutor::PrepareStep(const StepPlan& plan, const StepPlanLayout& sp, StepOutput* out) {
   const int64_t V = model_.vocab_size;
   out->vocab = static_cast<int>(V);
   out->first_row = sp.first_row;
   // NaN until the device's rows arrive: a row that is never copied cannot pass for a result.
-  out->logits.assign(static_cast<size_t>(sp.num_logit_rows) * V, std::numeric_limits<float>::quiet_NaN());
+  out->logits.assign(static_cast<size_t>(sp.output_rows) * V, std::numeric_limits<float>::quiet_NaN());
   if (sp.num_tokens == 0) return absl::OkStatus();
 
   // Nothing of an earlier (possibly failed) step may still be reading the pinned plan buffer.
@@ -317,6 +408,98 @@ absl::Status CudaExecutor::Run(const StepPlan& plan, StepOutput* out) {
   }
   NEEDLE_RETURN_IF_ERROR(EnsureAttentionWorkspace(sp.num_decodes, sp.num_tokens));
   WriteStepPlan(plan, geo_, sp, plan_host_.get());
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::RunEager(const StepPlan& plan, StepOutput* out) {
+  NEEDLE_ASSIGN_OR_RETURN(StepPlanLayout sp, LayoutStepPlan(plan, geo_));
+  NEEDLE_RETURN_IF_ERROR(PrepareStep(plan, sp, out));
+  if (sp.num_tokens == 0) return absl::OkStatus();
+  ++graph_stats_.eager_steps;
+  NEEDLE_RETURN_IF_ERROR(EnqueueForward(sp));
+  const int64_t V = model_.vocab_size;
+  const int chunk = config_.max_logit_rows;
+  for (int r0 = 0; r0 < sp.num_logit_rows; r0 += chunk) {
+    const int n = std::min(chunk, sp.num_logit_rows - r0);
+    NEEDLE_RETURN_IF_ERROR(WithContext(EnqueueLogitsPass(sp, r0, n), "CUDA executor, logits"));
+    // Stream-ordered: the next pass's GEMM waits for this copy.
+    NEEDLE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data() + static_cast<int64_t>(r0) * V, logits_.get(),
+                                                static_cast<size_t>(n) * V * sizeof(float), cudaMemcpyDeviceToHost,
+                                                stream_));
+  }
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::RunGraph(const StepPlan& plan, const StepPlanLayout& sp, StepOutput* out, bool* ran) {
+  *ran = false;
+  NEEDLE_RETURN_IF_ERROR(PrepareStep(plan, sp, out));  // may drop every graph: look ours up after it
+  const GraphKey key{sp.num_seqs, sp.num_items};
+  DecodeGraph& g = graphs_[key];
+  if (g.exec != nullptr && g.plan_bytes != sp.bytes) {
+    // Cannot happen (the layout is a function of the key); never replay a graph that disagrees.
+    cudaGraphExecDestroy(g.exec);
+    g.exec = nullptr;
+  }
+  if (g.exec == nullptr) {
+    const absl::Status captured = Capture(sp, &g.exec);
+    if (!captured.ok()) {
+      g.exec = nullptr;
+      g.failed = true;
+      ++graph_stats_.failures;
+      spdlog::warn("CUDA executor: the decode step of {} sequences ({} compressed tokens) could not be captured "
+                   "as a CUDA graph ({}); steps of that shape run launch by launch",
+                   key.first, key.second, std::string(captured.message()));
+      return absl::OkStatus();
+    }
+    g.plan_bytes = sp.bytes;
+    ++graph_stats_.captures;
+  }
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(g.exec, stream_));
+  ++graph_stats_.replays;
+  // Only the plan's rows; the padding rows' logits stay on the device.
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data(), logits_.get(),
+                                              static_cast<size_t>(sp.output_rows) * model_.vocab_size * sizeof(float),
+                                              cudaMemcpyDeviceToHost, stream_));
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  *ran = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::Capture(const StepPlanLayout& sp, cudaGraphExec_t* exec) {
+  *exec = nullptr;
+  // Thread-local mode: only this thread's calls are checked for capture safety (another executor or
+  // a test on another thread may allocate meanwhile), and this thread makes no unsafe ones: every
+  // buffer is allocated in PrepareStep, before the capture begins, and cuBLASLt runs with the
+  // explicit workspace passed to every matmul.
+  NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  absl::Status st = EnqueueForward(sp);
+  if (st.ok()) st = WithContext(EnqueueLogitsPass(sp, 0, sp.num_logit_rows), "CUDA executor, logits");
+  if (st.ok() && config_.fail_graph_captures) {
+    // Tests: waiting for a capturing stream is illegal and invalidates the capture, as an operation
+    // the driver cannot capture would, so the real failure path runs.
+    const cudaError_t err = cudaStreamSynchronize(stream_);
+    st = CudaError("cudaStreamSynchronize(stream_) while capturing (fail_graph_captures)",
+                   err != cudaSuccess ? err : cudaErrorUnknown);
+  }
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);  // always end it, even after a failure
+  if (st.ok() && ended != cudaSuccess) st = CudaError("cudaStreamEndCapture(stream_, &graph)", ended);
+  if (st.ok()) {
+    const cudaError_t instantiated = cudaGraphInstantiate(exec, graph, 0);
+    if (instantiated != cudaSuccess) {
+      *exec = nullptr;
+      st = CudaError("cudaGraphInstantiate(exec, graph, 0)", instantiated);
+    }
+  }
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  // Capture errors are not sticky; clear the last error so the eager run starts clean (a sticky
+  // error, say a fault of an earlier step, persists and fails the eager run as INTERNAL).
+  if (!st.ok()) cudaGetLastError();
+  return st;
+}
+
+absl::Status CudaExecutor::EnqueueForward(const StepPlanLayout& sp) {
   NEEDLE_CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(plan_dev_.get(), plan_host_.get(), sp.bytes, cudaMemcpyHostToDevice, stream_));
 
@@ -333,8 +516,6 @@ absl::Status CudaExecutor::Run(const StepPlan& plan, StepOutput* out) {
   for (int layer = 0; layer < model_.num_layers; ++layer) {
     NEEDLE_RETURN_IF_ERROR(WithContext(RunLayer(layer, sp), absl::StrCat("CUDA executor, layer ", layer)));
   }
-  NEEDLE_RETURN_IF_ERROR(WithContext(ComputeLogits(sp, out), "CUDA executor, logits"));
-  NEEDLE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   return absl::OkStatus();
 }
 
@@ -598,30 +779,21 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
   return absl::OkStatus();
 }
 
-absl::Status CudaExecutor::ComputeLogits(const StepPlanLayout& sp, StepOutput* out) {
+absl::Status CudaExecutor::EnqueueLogitsPass(const StepPlanLayout& sp, int r0, int n) {
   const int64_t D = model_.hidden_size, V = model_.vocab_size;
-  const int chunk = config_.max_logit_rows;
-  for (int r0 = 0; r0 < sp.num_logit_rows; r0 += chunk) {
-    const int n = std::min(chunk, sp.num_logit_rows - r0);
-    kernels::RmsNormParams norm;
-    norm.num_rows = n;
-    norm.hidden = static_cast<int>(D);
-    norm.eps = model_.norm_eps;
-    norm.x = x_.as<const bf16>();
-    norm.x_stride = D;
-    norm.weight = weights_->final_norm();
-    norm.row_index = Plan<const int32_t>(sp.logit_rows) + r0;
-    norm.y = xn_.as<bf16>();
-    norm.y_stride = D;
-    NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(norm, stream_));
-    NEEDLE_RETURN_IF_ERROR(Gemm(n, D, V, xn_.as<const bf16>(), D, weights_->lm_head(), nullptr, logits_.get(), V,
-                                kernels::GemmOutput::kFp32, false));
-    // Stream-ordered: the next pass's GEMM waits for this copy.
-    NEEDLE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->logits.data() + static_cast<int64_t>(r0) * V, logits_.get(),
-                                                static_cast<size_t>(n) * V * sizeof(float), cudaMemcpyDeviceToHost,
-                                                stream_));
-  }
-  return absl::OkStatus();
+  kernels::RmsNormParams norm;
+  norm.num_rows = n;
+  norm.hidden = static_cast<int>(D);
+  norm.eps = model_.norm_eps;
+  norm.x = x_.as<const bf16>();
+  norm.x_stride = D;
+  norm.weight = weights_->final_norm();
+  norm.row_index = Plan<const int32_t>(sp.logit_rows) + r0;
+  norm.y = xn_.as<bf16>();
+  norm.y_stride = D;
+  NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(norm, stream_));
+  return Gemm(n, D, V, xn_.as<const bf16>(), D, weights_->lm_head(), nullptr, logits_.get(), V,
+              kernels::GemmOutput::kFp32, false);
 }
 
 }  // namespace needle::engine::cuda

@@ -3,13 +3,18 @@
 // device copy of the weights, the KV pools the KvCacheManager's page ids index (docs/kv-cache.md's
 // layout, bf16), fixed activation buffers sized for the step limits, the step plan buffers (one pinned
 // host buffer, one device copy), a cuBLASLt handle and one compute stream. It never sees requests,
-// sampling or pool accounting. Structure, memory and tolerances: docs/cuda-executor.md.
+// sampling or pool accounting. Pure-decode steps are captured once per batch-size bucket as a CUDA
+// graph and replayed (one launch instead of ~10 per layer). Structure, memory, graphs and tolerances:
+// docs/cuda-executor.md.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/cuda/device_memory.h"
@@ -31,6 +36,10 @@ struct CudaExecutorConfig {
   int64_t max_context = 0;        // positions must stay below it; 0: the model's max_position_embeddings
   int max_logit_rows = 0;         // rows of the device logits buffer; 0: max_seqs_per_step. Steps
                                   // needing more (all_logits) compute logits in passes of this many
+  bool cuda_graphs = true;        // replay pure-decode steps from CUDA graphs captured per batch
+                                  // bucket; false runs every step eagerly (launch by launch)
+  bool fail_graph_captures = false;  // tests only: every capture is invalidated by a call that is
+                                     // illegal while capturing, to exercise the eager fallback
 
   absl::Status Validate() const;
 };
@@ -52,6 +61,21 @@ class CudaExecutor final : public Executor {
   // Device bytes held: weights, KV pools, activations and workspaces.
   int64_t device_bytes() const;
 
+  // What the decode graphs did so far (tests, logs).
+  struct GraphStats {
+    int64_t captures = 0;      // graphs captured and instantiated
+    int64_t replays = 0;       // steps that ran as a graph launch (the capturing step included)
+    int64_t failures = 0;      // captures or instantiations that failed (that bucket then runs eagerly)
+    int64_t eager_steps = 0;   // steps run launch by launch (mixed/prefill steps, graphs off, fallback)
+    int64_t invalidations = 0; // times every graph was dropped because a buffer it uses was reallocated
+    int live_graphs = 0;       // instantiated graphs held now
+  };
+  GraphStats graph_stats() const;
+  // Batch sizes the decode graphs are captured for, ascending (empty with cuda_graphs off): powers of
+  // two, then the largest batch a graph can take (max_seqs_per_step, bounded by max_tokens_per_step
+  // and max_logit_rows).
+  const std::vector<int>& graph_buckets() const { return buckets_; }
+
  private:
   // One pool's K and V arrays: (num_pages + 1) pages of [layers][Hkv][rows][d]; the last page is the
   // poison page (bf16 NaN) that unused page-table entries point at.
@@ -67,8 +91,32 @@ class CudaExecutor final : public Executor {
   absl::Status EnsureCompressWorkspace(size_t bytes);
   // Attention workspace for a step of these sizes (the kernels' *WorkspaceBytes queries).
   absl::Status EnsureAttentionWorkspace(int num_decodes, int num_tokens);
+  // A captured pure-decode step: one per (batch bucket, compressed-token bucket).
+  struct DecodeGraph {
+    cudaGraphExec_t exec = nullptr;
+    size_t plan_bytes = 0;  // the plan upload baked into it (a check: same key, same layout)
+    bool failed = false;    // capture or instantiation failed once: this key runs eagerly for good
+  };
+  using GraphKey = std::pair<int, int>;  // (sequences, compressed tokens) after padding
+
+  // The padding of a step that may run as a graph; false: run it eagerly (graphs off, not pure
+  // decode, too many sequences, a page table longer than the fixed stride).
+  bool GraphPaddingFor(const StepPlan& plan, DecodePadding* pad) const;
+  absl::Status RunEager(const StepPlan& plan, StepOutput* out);
+  // Runs a padded pure-decode step from its graph, capturing it first if needed. Sets *ran = false
+  // (and leaves `out` alone) when capture or instantiation failed; the caller then runs it eagerly.
+  absl::Status RunGraph(const StepPlan& plan, const StepPlanLayout& sp, StepOutput* out, bool* ran);
+  absl::Status Capture(const StepPlanLayout& sp, cudaGraphExec_t* exec);
+  // Synchronises with the previous step, grows the buffers the step needs (dropping the graphs when
+  // one moves) and fills the pinned plan buffer. Output rows NaN-filled.
+  absl::Status PrepareStep(const StepPlan& plan, const StepPlanLayout& sp, StepOutput* out);
+  // Everything of a step up to the device logits of rows [0, min(rows, max_logit_rows)): the plan
+  // upload, the embedding, the layers and the first logits pass. What a graph captures.
+  absl::Status EnqueueForward(const StepPlanLayout& sp);
   absl::Status RunLayer(int layer, const StepPlanLayout& sp);
-  absl::Status ComputeLogits(const StepPlanLayout& sp, StepOutput* out);
+  // Final norm and lm_head of logit rows [r0, r0 + n) into the device logits buffer.
+  absl::Status EnqueueLogitsPass(const StepPlanLayout& sp, int r0, int n);
+  void DropGraphs();
   absl::Status Gemm(int64_t rows, int64_t in, int64_t out, const bf16* x, int64_t x_stride, const bf16* w,
                     const bf16* bias, void* y, int64_t y_stride, kernels::GemmOutput y_type, bool accumulate);
 
@@ -107,6 +155,13 @@ class CudaExecutor final : public Executor {
 
   PinnedBuffer plan_host_;
   DeviceBuffer plan_dev_;
+
+  // CUDA graphs of pure-decode steps. They bake in the addresses of every buffer above, so a buffer
+  // that is reallocated drops them all (DropGraphs).
+  std::vector<int> buckets_;
+  int32_t graph_table_stride_[kNumPools] = {0, 0, 0, 0};  // page-table entries per padded row
+  std::map<GraphKey, DecodeGraph> graphs_;
+  GraphStats graph_stats_;
 };
 
 }  // namespace needle::engine::cuda

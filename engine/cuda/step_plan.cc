@@ -60,7 +60,12 @@ PlanGeometry PlanGeometry::For(const ModelConfig& model, const KvCacheConfig& ca
   return g;
 }
 
-absl::StatusOr<StepPlanLayout> LayoutStepPlan(const StepPlan& plan, const PlanGeometry& geo) {
+int CompressedCompletedAt(const PlanGeometry& geo, int64_t pos) {
+  if (!geo.is_nsa) return 0;
+  return static_cast<int>(NumCompressedAt(geo.nsa, pos) - NumCompressedAt(geo.nsa, pos - 1));
+}
+
+absl::StatusOr<StepPlanLayout> LayoutStepPlan(const StepPlan& plan, const PlanGeometry& geo, const DecodePadding* pad) {
   StepPlanLayout out;
   const int num_seqs = static_cast<int>(plan.seqs.size());
   if (num_seqs > geo.limits.max_seqs) {
@@ -115,37 +120,65 @@ absl::StatusOr<StepPlanLayout> LayoutStepPlan(const StepPlan& plan, const PlanGe
   }
   out.num_tokens = static_cast<int>(total);
   out.num_seqs = num_seqs;
+  out.plan_seqs = num_seqs;
+  out.plan_items = out.num_items;
+  if (pad != nullptr) {
+    // Everything the layout depends on becomes the padding's, so that every step padded alike gets
+    // byte-identical offsets and launch parameters.
+    if (total != num_seqs) return absl::FailedPreconditionError("decode padding: not a pure-decode step");
+    if (pad->num_seqs < num_seqs || pad->num_seqs > geo.limits.max_seqs || pad->num_seqs > geo.limits.max_tokens) {
+      return absl::FailedPreconditionError(absl::StrCat("decode padding: ", pad->num_seqs, " sequences for a step of ",
+                                                        num_seqs, " within limits of ", geo.limits.max_seqs));
+    }
+    if (pad->num_items < out.num_items || (pad->num_items > 0) != (out.num_items > 0)) {
+      return absl::FailedPreconditionError(absl::StrCat("decode padding: ", pad->num_items,
+                                                        " compressed tokens for a step completing ", out.num_items));
+    }
+    for (int p = 0; p < kNumPools; ++p) {
+      if (!geo.layout.has_pool[p]) continue;
+      if (pad->table_stride[p] < out.table_stride[p]) {
+        return absl::FailedPreconditionError(absl::StrCat("decode padding: a ", PoolName(static_cast<Pool>(p)),
+                                                          " page table is longer than ", pad->table_stride[p]));
+      }
+      out.table_stride[p] = pad->table_stride[p];
+    }
+    out.num_seqs = out.num_tokens = pad->num_seqs;
+    out.num_items = pad->num_items;
+  }
 
-  // Internal order: decodes, then prefill chunks, each in plan order.
+  // Internal order: decodes, then prefill chunks, each in plan order; padding sequences (one token
+  // each) last, so they count as decodes.
   for (int pass = 0; pass < 2; ++pass) {
     for (int i = 0; i < num_seqs; ++i) {
       const bool decode = plan.seqs[i].tokens.size() == 1;
       if (decode == (pass == 0)) out.order.push_back(i);
     }
-    if (pass == 0) out.num_decodes = static_cast<int>(out.order.size());
+    if (pass == 0) out.num_decodes = static_cast<int>(out.order.size()) + (out.num_seqs - num_seqs);
   }
   int base = 0;
-  for (int s = 0; s < num_seqs; ++s) {
+  for (int s = 0; s < out.num_seqs; ++s) {
     out.token_base.push_back(base);
-    base += static_cast<int>(plan.seqs[out.order[s]].tokens.size());
+    base += s < num_seqs ? static_cast<int>(plan.seqs[out.order[s]].tokens.size()) : 1;
   }
   int64_t rows = 0;
   for (int i = 0; i < num_seqs; ++i) {
     out.first_row.push_back(rows);
     rows += plan.seqs[i].all_logits ? static_cast<int64_t>(plan.seqs[i].tokens.size()) : 1;
   }
-  out.num_logit_rows = static_cast<int>(rows);
+  out.output_rows = static_cast<int>(rows);
+  // Padding rows get logits too (a graph computes a fixed number of rows); they are never copied out.
+  out.num_logit_rows = out.output_rows + (out.num_seqs - num_seqs);
 
   const size_t T = static_cast<size_t>(out.num_tokens);
   size_t cursor = 0;
   out.token_ids = Take(&cursor, T, sizeof(int32_t));
   out.positions = Take(&cursor, T, sizeof(int32_t));
-  out.cu_tokens = Take(&cursor, num_seqs + 1, sizeof(int32_t));
-  out.start_pos = Take(&cursor, num_seqs, sizeof(int32_t));
-  out.prefill_cu_tokens = Take(&cursor, num_seqs - out.num_decodes + 1, sizeof(int32_t));
+  out.cu_tokens = Take(&cursor, out.num_seqs + 1, sizeof(int32_t));
+  out.start_pos = Take(&cursor, out.num_seqs, sizeof(int32_t));
+  out.prefill_cu_tokens = Take(&cursor, out.num_seqs - out.num_decodes + 1, sizeof(int32_t));
   for (int p = 0; p < kNumPools; ++p) {
     if (geo.layout.has_pool[p]) {
-      out.tables[p] = Take(&cursor, static_cast<size_t>(num_seqs) * out.table_stride[p], sizeof(int32_t));
+      out.tables[p] = Take(&cursor, static_cast<size_t>(out.num_seqs) * out.table_stride[p], sizeof(int32_t));
     }
   }
   out.sel_slots = Take(&cursor, T, sizeof(int64_t));
@@ -174,7 +207,7 @@ void WriteStepPlan(const StepPlan& plan, const PlanGeometry& geo, const StepPlan
   const int64_t staging_rows = cl.staging_rows;                                         // l
 
   int item = 0;
-  for (int s = 0; s < L.num_seqs; ++s) {
+  for (int s = 0; s < L.plan_seqs; ++s) {
     const SeqStep& step = plan.seqs[L.order[s]];
     const SequencePages& pages = *step.pages;
     const int len = static_cast<int>(step.tokens.size());
@@ -232,13 +265,32 @@ void WriteStepPlan(const StepPlan& plan, const PlanGeometry& geo, const StepPlan
       }
     }
   }
+  // Padding sequences (DecodePadding): inert rows that read and write no cache.
+  for (int s = L.plan_seqs; s < L.num_seqs; ++s) {
+    const int tb = L.token_base[s];
+    cu[s] = tb;
+    start[s] = -1;
+    token_ids[tb] = 0;
+    positions[tb] = -1;
+    sel_slots[tb] = -1;
+    if (win_slots != nullptr) win_slots[tb] = -1;
+    if (stg_slots != nullptr) stg_slots[tb] = -1;
+    for (int p = 0; p < kNumPools; ++p) {
+      if (!cl.has_pool[p]) continue;
+      int32_t* row = PlanAt<int32_t>(base, L.tables[p]) + static_cast<int64_t>(s) * L.table_stride[p];
+      std::fill(row, row + L.table_stride[p], static_cast<int32_t>(geo.num_pages[p]));
+    }
+  }
+  // Padding compressed tokens repeat the first real one: the same bits to the same slot.
+  for (; item < L.num_items; ++item) items[item] = items[0];
   cu[L.num_seqs] = L.num_tokens;
   prefill_cu[L.num_seqs - L.num_decodes] = L.num_tokens - L.num_decodes;
 
   int32_t* logit_rows = PlanAt<int32_t>(base, L.logit_rows);
-  std::vector<int> internal_of(L.num_seqs);
-  for (int s = 0; s < L.num_seqs; ++s) internal_of[L.order[s]] = s;
-  for (int i = 0; i < L.num_seqs; ++i) {
+  for (int s = L.plan_seqs; s < L.num_seqs; ++s) logit_rows[L.output_rows + (s - L.plan_seqs)] = L.token_base[s];
+  std::vector<int> internal_of(L.plan_seqs);
+  for (int s = 0; s < L.plan_seqs; ++s) internal_of[L.order[s]] = s;
+  for (int i = 0; i < L.plan_seqs; ++i) {
     const SeqStep& step = plan.seqs[i];
     const int tb = L.token_base[internal_of[i]];
     const int len = static_cast<int>(step.tokens.size());

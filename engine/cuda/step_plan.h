@@ -44,6 +44,22 @@ struct PlanGeometry {
   bool HasPool(Pool p) const { return layout.has_pool[static_cast<int>(p)]; }
 };
 
+// How CudaExecutor pads a pure-decode step (every sequence one token) to the shape of a captured CUDA
+// graph: a graph bakes in every launch parameter and every offset into the plan buffer, so all the
+// steps that replay one graph must have the same layout. The padded layout is that of a step of
+// exactly `num_seqs` one-token sequences completing `num_items` compressed tokens, with page-table rows
+// of `table_stride[p]` entries, whatever the real step holds. Padding sequences are inert: token 0 at
+// position -1 (the attention kernels read nothing for a negative position and write NaN, or for the
+// dense kernels an undefined but row-local value, into that row only), every page-table entry the
+// poison page, every cache write slot -1 (skipped). Padding compressed tokens repeat the step's first
+// real one (same inputs, same destination, the same bits written twice), so they need a real one:
+// num_items is 0 exactly when the step completes none.
+struct DecodePadding {
+  int num_seqs = 0;
+  int num_items = 0;
+  int32_t table_stride[kNumPools] = {0, 0, 0, 0};  // present pools: >= every sequence's table
+};
+
 // Where each part of the step's metadata lives in the plan buffer (byte offsets from its start; the
 // same offsets index the pinned host buffer and its device copy) and the counts the launches need.
 struct StepPlanLayout {
@@ -54,6 +70,10 @@ struct StepPlanLayout {
   int num_logit_rows = 0;
   int32_t table_stride[kNumPools] = {0, 0, 0, 0};  // entries per sequence row (>= 1 for present pools)
   size_t bytes = 0;      // total bytes used
+  // The StepPlan's own part; below num_seqs / num_items / num_logit_rows only with DecodePadding.
+  int plan_seqs = 0;     // internal sequences 0..plan_seqs-1 are the plan's, the rest padding
+  int plan_items = 0;    // items 0..plan_items-1 are the step's, the rest repeat item 0
+  int output_rows = 0;   // rows of StepOutput::logits (the first output_rows logit rows)
 
   size_t token_ids = 0;          // int32 [T]
   size_t positions = 0;          // int32 [T]: absolute position of each packed token
@@ -70,18 +90,25 @@ struct StepPlanLayout {
                                  // StepOutput row order
 
   // Host side only.
-  std::vector<int> order;           // internal sequence index -> plan index
-  std::vector<int> token_base;      // internal sequence index -> its first packed token
+  std::vector<int> order;           // internal sequence index -> plan index [plan_seqs]
+  std::vector<int> token_base;      // internal sequence index -> its first packed token [num_seqs]
   std::vector<int64_t> first_row;   // plan index -> StepOutput::first_row
 };
 
 // Validates the plan against the limits, the vocabulary and the page tables (INVALID_ARGUMENT for
 // what a caller can get wrong, INTERNAL for page tables that cannot serve the step) and lays out the
-// buffer. No side effects.
-absl::StatusOr<StepPlanLayout> LayoutStepPlan(const StepPlan& plan, const PlanGeometry& geo);
+// buffer. With `pad`, lays out the padded pure-decode step instead; FAILED_PRECONDITION when the plan
+// does not fit the padding (not pure decode, more sequences or compressed tokens, a longer table, a
+// step with compressed tokens padded to none or the reverse, or padding beyond the limits). No side
+// effects.
+absl::StatusOr<StepPlanLayout> LayoutStepPlan(const StepPlan& plan, const PlanGeometry& geo,
+                                              const DecodePadding* pad = nullptr);
+
+// Compressed tokens that a one-token step at `pos` completes (0 or 1; 0 for dense models).
+int CompressedCompletedAt(const PlanGeometry& geo, int64_t pos);
 
 // Fills `base` (at least layout.bytes bytes, 16-byte aligned) for a layout LayoutStepPlan returned
-// for this plan. Cannot fail.
+// for this plan (padded or not). Cannot fail.
 void WriteStepPlan(const StepPlan& plan, const PlanGeometry& geo, const StepPlanLayout& layout, char* base);
 
 // A typed pointer into a plan buffer (host or device).

@@ -1,17 +1,21 @@
 // GPU tests of the dense paged attention kernel (kernels/dense_attention.h), decode and prefill
-// chunks, against reference::DenseAttention on contiguous rows. Inputs are random and rounded to bf16
-// first; the kernel reads the same rows scattered into randomly permuted pages of NaN-filled pools, so
-// reading past row t of a decode query gives NaN. Every element within 2e-4 + 1e-2 |e|.
+// chunks (the tensor-core prefill path and the simple kernel), against reference::DenseAttention on
+// contiguous rows. Inputs are random and rounded to bf16 first; the kernel reads the same rows
+// scattered into randomly permuted pages of NaN-filled pools, so reading past row t of a query gives
+// NaN. Every element within 2e-4 + 1e-2 |e|; the reference runs on all cores (the long-context
+// cases take billions of multiply-adds).
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/dense_attention.h"
@@ -42,7 +46,15 @@ struct DenseCase {
   std::vector<SeqSpec> seqs;
   int page_rows = 64;
   uint64_t seed = 1;
+  bool simple_prefill = false;  // prefill: force the simple kernel (DenseAttentionParams::simple_prefill)
+  bool p_bf16 = false;          // prefill: DenseAttentionParams::prefill_p_bf16
+  float atol = kAtol;
 };
+
+// Absolute tolerance of the prefill path with P rounded to bf16 once: the rounding moves each
+// output element by at most u sum_j p_j |v_j| / sum_j p_j <= u max|v| (bf16 unit roundoff u = 2^-8;
+// v in [-1, 1] here), plus kAtol.
+constexpr float kAtolPBf16 = 1.0f / 256 + kAtol;
 
 std::vector<SeqSpec> DecodeAt(const std::vector<int>& positions) {
   std::vector<SeqSpec> s;
@@ -107,6 +119,8 @@ void RunDenseCase(const DenseCase& c, bool decode, int split_chunks = kSingleKer
   p.head_dim_v = dv;
   p.softmax_scale = scale;
   p.kv = cache.view;
+  p.simple_prefill = c.simple_prefill;
+  p.prefill_p_bf16 = c.p_bf16;
   DeviceArray<uint8_t> d_workspace;
   if (split_chunks == kSingleKernel) {
     ASSERT_EQ(DenseAttentionWorkspaceBytes(num_tokens, hkv, G, 1), 0u);
@@ -132,9 +146,19 @@ void RunDenseCase(const DenseCase& c, bool decode, int split_chunks = kSingleKer
   NEEDLE_CUDA_ASSERT(d_out.Download(&out_bits));
   const std::vector<float> out = gpu_test::FromBf16Bits(out_bits);
 
-  std::vector<float> expected(static_cast<size_t>(G) * dv);
+  // Every (token, KV head) against the reference, tokens spread over the cores; once a token fails
+  // the workers stop, and the failure of the lowest failing token found is reported.
+  std::vector<std::pair<int, int>> items;  // (sequence, index in its chunk)
   for (int s = 0; s < num_seqs; ++s) {
-    for (int i = 0; i < c.seqs[s].len; ++i) {
+    for (int i = 0; i < c.seqs[s].len; ++i) items.push_back({s, i});
+  }
+  std::vector<std::string> failures(items.size());
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  auto worker = [&] {
+    std::vector<float> expected(static_cast<size_t>(G) * dv);
+    for (size_t n = next.fetch_add(1); n < items.size() && !failed.load(); n = next.fetch_add(1)) {
+      const int s = items[n].first, i = items[n].second;
       const int token = cu[s] + i;
       const int64_t t = c.seqs[s].start + i;
       for (int h = 0; h < hkv; ++h) {
@@ -145,10 +169,23 @@ void RunDenseCase(const DenseCase& c, bool decode, int split_chunks = kSingleKer
         std::ostringstream where;
         where << "seed " << c.seed << " case " << c.name << " token " << token << " (sequence " << s << ", position "
               << t << ") KV head " << h << ", output [G][d_v] of the group";
-        ASSERT_TRUE(
-            gpu_test::AllClose(out.data() + head0 * dv, expected.data(), expected.size(), kAtol, kRtol, where.str()));
+        const ::testing::AssertionResult r =
+            gpu_test::AllClose(out.data() + head0 * dv, expected.data(), expected.size(), c.atol, kRtol, where.str());
+        if (!r) {
+          failures[n] = r.message();
+          failed = true;
+          break;
+        }
       }
     }
+  };
+  const size_t workers =
+      std::max<size_t>(1, std::min<size_t>(items.size(), std::max(1u, std::thread::hardware_concurrency())));
+  std::vector<std::thread> threads;
+  for (size_t w = 0; w < workers; ++w) threads.emplace_back(worker);
+  for (std::thread& th : threads) th.join();
+  for (const std::string& f : failures) {
+    ASSERT_TRUE(f.empty()) << f;
   }
 }
 
@@ -238,6 +275,64 @@ TEST(DenseAttentionGpuTest, PrefillChunks) {
   for (size_t i = 0; i < cases.size(); ++i) {
     DenseCase c = cases[i];
     c.seed = 900 + i;
+    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/false));
+  }
+  // The simple kernel on shapes the tensor-core prefill path would take (d16, d24/16 and d192/192
+  // above run it anyway: the prefill path does not instantiate them).
+  EXPECT_FALSE(DenseAttentionPrefillSupported(16, 16, 2));
+  EXPECT_FALSE(DenseAttentionPrefillSupported(192, 192, 4));
+  for (size_t i = 0; i < 2; ++i) {
+    DenseCase c = cases[i];
+    c.seed = 950 + i;
+    c.name += " simple kernel";
+    c.simple_prefill = true;
+    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/false));
+  }
+}
+
+// The tensor-core prefill path (64-row tiles of (token, head) pairs, causal mask per row) for each
+// instantiated head-dim pair and G in {1, 4, 16, 32}: ragged batches, chunks at position 0 and
+// mid-sequence, lengths 1, 3, 65, 130 and 600 (not multiples of a tile's 64 / G tokens), pages of
+// 16 and 64 rows in permuted order, one empty sequence.
+TEST(DenseAttentionGpuTest, PrefillTensorCore) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const int dims[3][2] = {{192, 128}, {128, 128}, {64, 64}};
+  const int groups[4] = {1, 4, 16, 32};
+  uint64_t seed = 2000;
+  for (const auto& d : dims) {
+    for (int G : groups) {
+      ASSERT_TRUE(DenseAttentionPrefillSupported(d[0], d[1], G));
+      const int hkv = G <= 4 ? 2 : 1;
+      const std::string name = "d" + std::to_string(d[0]) + "/" + std::to_string(d[1]) + " G" + std::to_string(G);
+      DenseCase at_zero{name + " from 0, pages16",
+                        d[0], d[1], hkv, G, {{0, 1}, {0, 3}, {0, 65}, {0, 130}, {0, 600}}, 16};
+      at_zero.seed = seed++;
+      ASSERT_NO_FATAL_FAILURE(RunDenseCase(at_zero, /*decode=*/false));
+      DenseCase mid{name + " mid-sequence, pages64",
+                    d[0], d[1], hkv, G, {{100, 1}, {77, 3}, {1000, 65}, {40, 0}, {63, 130}, {300, 600}}, 64};
+      mid.seed = seed++;
+      ASSERT_NO_FATAL_FAILURE(RunDenseCase(mid, /*decode=*/false));
+      DenseCase p_bf16 = mid;  // P rounded to bf16 once, checked against the bound it promises
+      p_bf16.name += " P bf16";
+      p_bf16.p_bf16 = true;
+      p_bf16.atol = kAtolPBf16;
+      p_bf16.seed = seed++;
+      ASSERT_NO_FATAL_FAILURE(RunDenseCase(p_bf16, /*decode=*/false));
+    }
+  }
+}
+
+TEST(DenseAttentionGpuTest, PrefillTensorCoreLongContext) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<DenseCase> cases = {
+      {"d64 G1 8k chunk at 56k", 64, 64, 1, 1, {{57344, 8192}}, 64},
+      {"d192/128 G16 at 56k + ragged", 192, 128, 1, 16, {{57344, 70}, {5000, 33}}, 16},
+      {"d128 G4 at 30k", 128, 128, 2, 4, {{30000, 130}}, 64},
+      {"d192/128 G16 at 56k P bf16", 192, 128, 1, 16, {{57344, 70}}, 16, 1, false, true, kAtolPBf16},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    DenseCase c = cases[i];
+    c.seed = 2100 + i;
     ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/false));
   }
 }

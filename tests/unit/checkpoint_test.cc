@@ -74,7 +74,7 @@ void ExpectSameWeights(const ModelWeights& want, const ModelWeights& got, const 
 }
 
 TEST(Checkpoint, EveryTinyPresetRoundTrips) {
-  ASSERT_EQ(TinyPresets().size(), 7u);
+  ASSERT_EQ(TinyPresets().size(), 8u);
   for (const std::string& name : TinyPresets()) {
     auto w = MakePresetWeights(name, /*seed=*/3);
     ASSERT_TRUE(w.ok()) << name << ": " << w.status();
