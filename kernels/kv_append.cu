@@ -1,4 +1,5 @@
-// KV append kernel: one thread block per token, threads over (head, column) of K then V.
+// KV append kernel: a grid of (token, slice of kThreads elements); each thread copies one (head, column)
+// element of K and one of V, so a decode step's few tokens still spread over many blocks.
 #include "kernels/kv_append.h"
 
 #include "kernels/ops_common.cuh"
@@ -8,21 +9,20 @@ namespace {
 
 constexpr int kThreads = 128;
 
-__device__ void CopyRows(const __nv_bfloat16* src, const PagedPool& pool, int64_t slot) {
+__device__ void CopyElement(const __nv_bfloat16* src, const PagedPool& pool, int64_t slot, int e) {
   const int d = pool.head_dim;
-  const int n = pool.num_kv_heads * d;
-  for (int e = threadIdx.x; e < n; e += blockDim.x) {
-    const int h = e / d, c = e - h * d;
-    PoolRow<__nv_bfloat16>(pool, h, slot)[c] = src[e];
-  }
+  if (e >= pool.num_kv_heads * d) return;
+  const int h = e / d, c = e - h * d;
+  PoolRow<__nv_bfloat16>(pool, h, slot)[c] = src[e];
 }
 
 __global__ void KvAppendKernel(KvAppendParams p) {
   const int t = blockIdx.x;
   const int64_t slot = p.slots[t];
   if (slot < 0) return;
-  CopyRows(p.k + static_cast<int64_t>(t) * p.k_stride, p.k_pool, slot);
-  if (p.v != nullptr) CopyRows(p.v + static_cast<int64_t>(t) * p.v_stride, p.v_pool, slot);
+  const int e = blockIdx.y * kThreads + threadIdx.x;
+  CopyElement(p.k + static_cast<int64_t>(t) * p.k_stride, p.k_pool, slot, e);
+  if (p.v != nullptr) CopyElement(p.v + static_cast<int64_t>(t) * p.v_stride, p.v_pool, slot, e);
 }
 
 }  // namespace
@@ -38,7 +38,11 @@ cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
                          p.v_pool.num_kv_heads != p.k_pool.num_kv_heads)) {
     return cudaErrorInvalidValue;
   }
-  KvAppendKernel<<<p.num_tokens, kThreads, 0, stream>>>(p);
+  int elems = p.k_pool.num_kv_heads * p.k_pool.head_dim;
+  if (p.v != nullptr) elems = max(elems, p.v_pool.num_kv_heads * p.v_pool.head_dim);
+  const dim3 grid(p.num_tokens, (elems + kThreads - 1) / kThreads);
+  if (grid.y > 65535) return cudaErrorInvalidValue;
+  KvAppendKernel<<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

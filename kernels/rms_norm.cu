@@ -1,13 +1,13 @@
-// RMSNorm: one thread block per row; sum of squares in fp32, then a second pass that scales. Each
-// thread rewrites exactly the elements it read, so x == y is safe.
+// RMSNorm: one thread block per row, about four elements per thread (64 to 1024 threads), so a
+// decode step's single row is not one 256-thread block looping ten times; sum of squares in fp32,
+// then a second pass that scales. Each thread rewrites exactly the elements it read, so x == y is
+// safe.
 #include "kernels/rms_norm.h"
 
 #include "kernels/ops_common.cuh"
 
 namespace needle::kernels {
 namespace {
-
-constexpr int kThreads = 256;
 
 __global__ void RmsNormKernel(RmsNormParams p) {
   __shared__ float scratch[32];
@@ -35,7 +35,8 @@ cudaError_t LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream) {
       p.x_stride < p.hidden || p.y_stride < p.hidden) {
     return cudaErrorInvalidValue;
   }
-  RmsNormKernel<<<p.num_rows, kThreads, 0, stream>>>(p);
+  const int threads = min(1024, max(64, (p.hidden / 4 + 31) / 32 * 32));
+  RmsNormKernel<<<p.num_rows, threads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

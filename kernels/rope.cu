@@ -1,5 +1,7 @@
-// RoPE: one thread block per token. The token's cos/sin table (d/2 pairs, double) is computed once in
-// shared memory, then threads rotate every (head, i) pair of q and k.
+// RoPE: a thread block per (token, group of kHeadsPerBlock heads of q then k). Each block computes the
+// token's cos/sin table (d/2 pairs, double) in shared memory, then its threads rotate the (head, i)
+// pairs of its heads. Spreading the heads over blocks keeps a decode step (one token) from running
+// as one block that walks every head serially.
 #include "kernels/rope.h"
 
 #include "kernels/ops_common.cuh"
@@ -8,6 +10,7 @@ namespace needle::kernels {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kHeadsPerBlock = 4;
 
 __device__ __forceinline__ void Rotate(__nv_bfloat16* head, int i, int half, double c, double s) {
   const double a = ToFloat(head[i]), b = ToFloat(head[i + half]);
@@ -27,9 +30,10 @@ __global__ void RopeKernel(RopeParams p) {
   __syncthreads();
   const int nq = p.q != nullptr ? p.num_q_heads : 0;
   const int nk = p.k != nullptr ? p.num_k_heads : 0;
-  const int pairs = (nq + nk) * half;
+  const int h0 = blockIdx.y * kHeadsPerBlock;
+  const int pairs = (min(nq + nk, h0 + kHeadsPerBlock) - h0) * half;
   for (int e = threadIdx.x; e < pairs; e += blockDim.x) {
-    const int h = e / half, i = e - h * half;
+    const int h = h0 + e / half, i = e % half;
     __nv_bfloat16* head = h < nq ? p.q + static_cast<int64_t>(t) * p.q_stride + static_cast<int64_t>(h) * p.head_dim
                                  : p.k + static_cast<int64_t>(t) * p.k_stride +
                                        static_cast<int64_t>(h - nq) * p.head_dim;
@@ -47,7 +51,11 @@ cudaError_t LaunchRope(const RopeParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   const size_t smem = sizeof(double) * p.head_dim;
-  RopeKernel<<<p.num_tokens, kThreads, smem, stream>>>(p);
+  const int heads = (p.q != nullptr ? p.num_q_heads : 0) + (p.k != nullptr ? p.num_k_heads : 0);
+  if (heads == 0) return cudaSuccess;
+  const dim3 grid(p.num_tokens, (heads + kHeadsPerBlock - 1) / kHeadsPerBlock);
+  if (grid.y > 65535) return cudaErrorInvalidValue;
+  RopeKernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
