@@ -17,6 +17,13 @@
 // simple kernel (DenseAttentionParams::simple_prefill) on the same input, and the prefill path with P
 // rounded to bf16 once (prefill_p_bf16); median time of CUDA-event timed launches, TFLOP/s
 // (2 (d_k + d_v) flops per (query head, attended key)), and the simple / prefill ratio.
+//
+// --nsa_prefill: instead, NSA prefill (kernels/nsa_prefill.h) of one sequence's chunk at the paper
+// geometry (64 query / 4 KV heads, d_k 192, d_v 128, l 32, d 16, l' 64, n 16, w 512, independent
+// branch K/V: the chunk's window rows from the chunk buffers, earlier ones from the ring) at the
+// same chunk sizes and positions: the tensor-core path against the simple kernel
+// (NsaPrefillParams::simple) on the same input, and dense prefill of the same shape as a reference;
+// median time of CUDA-event timed launches and the ratios.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -37,6 +44,7 @@
 #include "benchmarks/bench_fill.h"
 #include "kernels/dense_attention.h"
 #include "kernels/nsa_decode.h"
+#include "kernels/nsa_prefill.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, json, "", "write the results as JSON to this file");
@@ -53,6 +61,8 @@ ABSL_FLAG(bool, prefill, false, "time dense prefill chunks (tensor-core path vs 
 ABSL_FLAG(int, prefill_chunk, 2048, "--prefill: tokens per chunk");
 ABSL_FLAG(std::vector<std::string>, prefill_contexts, std::vector<std::string>({"0", "16384", "57344"}),
           "--prefill: position of the chunk's first token");
+ABSL_FLAG(bool, nsa_prefill, false,
+          "time NSA prefill chunks (paper geometry; tensor-core path vs simple kernel vs dense prefill)");
 ABSL_FLAG(bool, profile, false, "launch each configuration's kernels once, untimed (for ncu), and exit");
 
 namespace needle::bench {
@@ -491,6 +501,96 @@ nlohmann::json RunPrefill(const PrefillGeometry& g, int64_t ctx, int chunk, cuda
           {"simple_over_fast", simple_ms / fast_ms}, {"simple_reps", simple_reps == 0 ? 1 : simple_reps}};
 }
 
+// ---- NSA prefill -------------------------------------------------------------------------------
+
+nlohmann::json RunNsaPrefill(const Geometry& g, int64_t ctx, int chunk, cudaStream_t stream) {
+  const int64_t rows = ctx + chunk;
+  const int heads = g.kv_heads * g.group;
+  const uint64_t seed = 5151 + ctx;
+  Pool selection = MakePool(1, g.kv_heads, PagesFor(rows), 0, g.dk, g.dv, 2.0f, seed, stream);
+  Pool compressed = MakePool(1, g.kv_heads, std::max(1, PagesFor(NumCompressed(g.nsa, rows - 1))), 0, g.dk, g.dv, 3.0f,
+                             seed + 10, stream);
+  Pool window;
+  DeviceBuffer wk, wv;
+  if (!g.shared_kv) {
+    window = MakePool(1, g.kv_heads, RingPages(g), RingPages(g), g.dk, g.dv, 2.0f, seed + 20, stream);
+    wk = DeviceBuffer(static_cast<size_t>(chunk) * g.kv_heads * g.dk * 2);
+    wv = DeviceBuffer(static_cast<size_t>(chunk) * g.kv_heads * g.dv * 2);
+    BENCH_CHECK(FillUniformBf16(wk.get(), static_cast<size_t>(chunk) * g.kv_heads * g.dk, -2.0f, 2.0f, seed + 21, stream));
+    BENCH_CHECK(FillUniformBf16(wv.get(), static_cast<size_t>(chunk) * g.kv_heads * g.dv, -1.0f, 1.0f, seed + 22, stream));
+  }
+  DeviceBuffer q(static_cast<size_t>(chunk) * heads * g.dk * 2), out(static_cast<size_t>(chunk) * heads * g.dv * 2);
+  DeviceBuffer gates(static_cast<size_t>(chunk) * heads * 3 * 2);
+  DeviceBuffer sel(static_cast<size_t>(chunk) * g.kv_heads * g.nsa.num_selected * 4);
+  BENCH_CHECK(FillUniformBf16(q.get(), static_cast<size_t>(chunk) * heads * g.dk, -2.0f, 2.0f, seed + 30, stream));
+  BENCH_CHECK(FillUniformBf16(gates.get(), static_cast<size_t>(chunk) * heads * 3, 0.05f, 0.95f, seed + 40, stream));
+  const int32_t host_cu[2] = {0, chunk}, host_start[1] = {static_cast<int32_t>(ctx)};
+  DeviceBuffer cu(sizeof(host_cu)), start(sizeof(host_start));
+  BENCH_CHECK(cudaMemcpy(cu.get(), host_cu, sizeof(host_cu), cudaMemcpyHostToDevice));
+  BENCH_CHECK(cudaMemcpy(start.get(), host_start, sizeof(host_start), cudaMemcpyHostToDevice));
+  kernels::NsaPrefillParams p;
+  p.q = static_cast<const __nv_bfloat16*>(q.get());
+  p.gates = gates.get();
+  p.out = static_cast<__nv_bfloat16*>(out.get());
+  p.selected_blocks = static_cast<int32_t*>(sel.get());
+  p.cu_tokens = static_cast<const int32_t*>(cu.get());
+  p.start_pos = static_cast<const int32_t*>(start.get());
+  p.num_seqs = 1;
+  p.num_tokens = chunk;
+  p.num_heads = heads;
+  p.num_kv_heads = g.kv_heads;
+  p.head_dim_qk = g.dk;
+  p.head_dim_v = g.dv;
+  p.max_context = static_cast<int>(rows);
+  p.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(g.dk)));
+  p.geometry = g.nsa;
+  p.compressed = compressed.view;
+  p.selection = selection.view;
+  p.shared_kv = g.shared_kv;
+  if (!g.shared_kv) {
+    p.window = window.view;
+    p.window_k_chunk = static_cast<const __nv_bfloat16*>(wk.get());
+    p.window_v_chunk = static_cast<const __nv_bfloat16*>(wv.get());
+  }
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+  const double fast_ms = MedianMs([&] { return kernels::LaunchNsaPrefill(p, nullptr, stream); }, 2, 15, stream);
+  kernels::NsaPrefillParams simple = p;
+  simple.simple = true;
+  auto launch_simple = [&] { return kernels::LaunchNsaPrefill(simple, nullptr, stream); };
+  const double first_ms = MedianMs(launch_simple, 0, 1, stream);
+  const int simple_reps = first_ms > 1000 ? 0 : first_ms > 200 ? 2 : 5;
+  const double simple_ms = simple_reps == 0 ? first_ms : MedianMs(launch_simple, 0, simple_reps, stream);
+  // Dense prefill of the same shape over the selection cache.
+  kernels::DenseAttentionParams d;
+  d.q = p.q;
+  d.out = p.out;
+  d.cu_tokens = p.cu_tokens;
+  d.start_pos = p.start_pos;
+  d.num_seqs = 1;
+  d.num_tokens = chunk;
+  d.num_heads = heads;
+  d.num_kv_heads = g.kv_heads;
+  d.head_dim_qk = g.dk;
+  d.head_dim_v = g.dv;
+  d.softmax_scale = p.softmax_scale;
+  d.kv = selection.view;
+  const double dense_ms = MedianMs([&] { return kernels::LaunchDenseAttention(d, nullptr, stream); }, 2, 15, stream);
+  // Keys each (query token, KV head) attends, summed over the chunk: N_c(t) + selected rows + window.
+  double keys = 0;
+  for (int64_t t = ctx; t < rows; ++t) {
+    const int64_t nb = t / g.nsa.sel_block + 1;
+    keys += NumCompressed(g.nsa, t) + std::min<int64_t>(nb, g.nsa.num_selected) * g.nsa.sel_block -
+            (g.nsa.sel_block - 1 - t % g.nsa.sel_block) + std::min<int64_t>(t + 1, g.nsa.window);
+  }
+  std::printf("%-6s %7lld %6d %10.3f %12.2f %10.3f %9.1fx %10.2fx %10.1f\n", g.name.c_str(), static_cast<long long>(ctx),
+              chunk, fast_ms, simple_ms, dense_ms, simple_ms / fast_ms, dense_ms / fast_ms, keys / chunk);
+  std::fflush(stdout);
+  return {{"geometry", g.name},        {"context", ctx},          {"chunk", chunk},
+          {"median_ms", fast_ms},      {"simple_median_ms", simple_ms}, {"dense_median_ms", dense_ms},
+          {"simple_over_fast", simple_ms / fast_ms}, {"dense_over_fast", dense_ms / fast_ms},
+          {"keys_per_query_group", keys / chunk},    {"simple_reps", simple_reps == 0 ? 1 : simple_reps}};
+}
+
 std::vector<int64_t> ParseInts(const std::vector<std::string>& items) {
   std::vector<int64_t> out;
   for (const std::string& s : items) {
@@ -516,7 +616,7 @@ int Main() {
       return 2;
     }
   }
-  if (absl::GetFlag(FLAGS_prefill)) {
+  if (absl::GetFlag(FLAGS_prefill) || absl::GetFlag(FLAGS_nsa_prefill)) {
     std::vector<int64_t> prefill_contexts;
     for (const std::string& c : absl::GetFlag(FLAGS_prefill_contexts)) {
       int64_t v = -1;
@@ -531,6 +631,29 @@ int Main() {
     cudaStream_t stream;
     BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     const int chunk = absl::GetFlag(FLAGS_prefill_chunk);
+    const std::string json_path = absl::GetFlag(FLAGS_json);
+    if (absl::GetFlag(FLAGS_nsa_prefill)) {
+      std::printf("device: %s, %d SMs; NSA prefill of one %d-token chunk, batch 1, pages of %d rows\n", prop.name,
+                  prop.multiProcessorCount, chunk, kPageRows);
+      std::printf("tc: the tensor-core path; simple: the one-block-per-(token, KV head) scalar kernel; dense: dense\n"
+                  "prefill of the same shape; keys/q: keys each (token, KV head) attends (cmp + slc + win), mean\n");
+      std::printf("%-6s %7s %6s %10s %12s %10s %10s %11s %10s\n", "geom", "context", "chunk", "tc ms", "simple ms",
+                  "dense ms", "simple/tc", "dense/tc", "keys/q");
+      nlohmann::json doc = {{"device", prop.name},
+                            {"sms", prop.multiProcessorCount},
+                            {"mode", "nsa_prefill"},
+                            {"time_definition", "median of CUDA-event-timed launches (15 after 2 warm-up; simple: "
+                                                "1 to 5)"},
+                            {"nsa_prefill", nlohmann::json::array()}};
+      for (const Geometry& g : geometries) {
+        for (int64_t ctx : prefill_contexts) {
+          doc["nsa_prefill"].push_back(RunNsaPrefill(g, ctx, chunk, stream));
+          if (!json_path.empty()) std::ofstream(json_path) << doc.dump(2) << "\n";
+        }
+      }
+      BENCH_CHECK(cudaStreamDestroy(stream));
+      return 0;
+    }
     std::printf("device: %s, %d SMs; dense prefill of one %d-token chunk, batch 1, pages of %d rows\n", prop.name,
                 prop.multiProcessorCount, chunk, kPageRows);
     std::printf("prefill: the tensor-core path (P as bf16 hi + lo); P bf16: the same with prefill_p_bf16; simple: the\n"
@@ -543,7 +666,6 @@ int Main() {
                           {"time_definition", "median of CUDA-event-timed launches (prefill: 15 after 2 warm-up)"},
                           {"flops_definition", "2 (d_k + d_v) per (query head, attended key), causal"},
                           {"prefill", nlohmann::json::array()}};
-    const std::string json_path = absl::GetFlag(FLAGS_json);
     const PrefillGeometry kPrefillGeometries[] = {{"paper", 64, 4, 192, 128}, {"llama8", 32, 8, 128, 128}};
     for (const PrefillGeometry& g : kPrefillGeometries) {
       for (int64_t ctx : prefill_contexts) {

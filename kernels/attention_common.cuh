@@ -348,16 +348,19 @@ __device__ void NsaBlockScores(const NsaQueryGroup& qg, const NsaKernelGeometry&
 __device__ __forceinline__ bool RanksAbove(float sa, int a, float sb, int b) { return sa > sb || (sa == sb && a < b); }
 
 // The best-ranked block j in [lo, hi) with eligible(j, scores[j]), or -1 if none; every thread of
-// the block gets the answer, and every thread must call it.
-template <class Eligible>
+// the block gets the answer, and every thread must call it. kBlockThreads: the block's thread count
+// (a multiple of 32; kThreads for the existing callers, 128 for the tensor-core NSA prefill).
+template <int kBlockThreads = kThreads, class Eligible>
 __device__ int BestBlock(const float* scores, int lo, int hi, Eligible eligible) {
-  __shared__ float red_score[kNumWarps];
-  __shared__ int red_block[kNumWarps];
+  static_assert(kBlockThreads % kWarpSize == 0, "whole warps");
+  constexpr int kBlockWarps = kBlockThreads / kWarpSize;
+  __shared__ float red_score[kBlockWarps];
+  __shared__ int red_block[kBlockWarps];
   __shared__ int result;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   float best = -INFINITY;
   int best_j = INT32_MAX;
-  for (int j = lo + threadIdx.x; j < hi; j += kThreads) {
+  for (int j = lo + threadIdx.x; j < hi; j += kBlockThreads) {
     const float s = scores[j];
     if (eligible(j, s) && RanksAbove(s, j, best, best_j)) best = s, best_j = j;
   }
@@ -370,7 +373,7 @@ __device__ int BestBlock(const float* scores, int lo, int hi, Eligible eligible)
   if (lane == 0) red_score[warp] = best, red_block[warp] = best_j;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kNumWarps; ++w) {
+    for (int w = 1; w < kBlockWarps; ++w) {
       if (RanksAbove(red_score[w], red_block[w], best, best_j)) best = red_score[w], best_j = red_block[w];
     }
     result = best_j == INT32_MAX ? -1 : best_j;
@@ -388,8 +391,10 @@ __device__ int BestBlock(const float* scores, int lo, int hi, Eligible eligible)
 // top-k), only the best C/2 blocks of [0, chunk start) and the best C/2 of [chunk start, num_blocks)
 // compete, chunk start = (current / C) C. Each part's C/2-th best non-forced block is its threshold:
 // a block survives when it ranks at or above its part's threshold.
-__device__ inline void NsaTopBlocks(const NsaKernelGeometry& geo, int64_t t, int num_blocks, float* scores,
-                                    int32_t* sel, int* count) {
+// kBlockThreads: the block's thread count (see BestBlock).
+template <int kBlockThreads = kThreads>
+__device__ void NsaTopBlocks(const NsaKernelGeometry& geo, int64_t t, int num_blocks, float* scores, int32_t* sel,
+                             int* count) {
   __shared__ int forced_in_part[2];
   const int64_t current = t / geo.sel_block;
   const int C = geo.topk_merge_chunk;
@@ -423,7 +428,8 @@ __device__ inline void NsaTopBlocks(const NsaKernelGeometry& geo, int64_t t, int
       for (int r = 0; r < C / 2 - forced_in_part[part]; ++r) {
         const float ps = thr_score[part];
         const int pj = thr_block[part];
-        const int j = BestBlock(scores, lo, hi, [=](int jj, float s) { return s >= 0.0f && RanksAbove(ps, pj, s, jj); });
+        const int j = BestBlock<kBlockThreads>(scores, lo, hi,
+                                               [=](int jj, float s) { return s >= 0.0f && RanksAbove(ps, pj, s, jj); });
         if (j < 0) {
           all_survive[part] = true;
           break;
@@ -439,7 +445,7 @@ __device__ inline void NsaTopBlocks(const NsaKernelGeometry& geo, int64_t t, int
   };
   const int want = geo.num_selected - *count;
   for (int r = 0; r < want; ++r) {
-    const int j = BestBlock(scores, 0, num_blocks, eligible);
+    const int j = BestBlock<kBlockThreads>(scores, 0, num_blocks, eligible);
     if (j < 0) break;
     if (threadIdx.x == 0) {
       scores[j] = -1.0f;

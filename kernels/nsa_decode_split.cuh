@@ -29,11 +29,16 @@
 #include <cstdint>
 
 #include "kernels/attention_common.cuh"
+#include "kernels/nsa_compressed_chunks.cuh"
 #include "kernels/nsa_decode.h"
 #include "kernels/split_kv_attention.cuh"
 
 namespace needle::kernels::detail::nsa_split {
 
+using nsa_chunks::CmpBlocksPerChunk;
+using nsa_chunks::FirstOverlappingToken;
+using nsa_chunks::FirstOwnedToken;
+using nsa_chunks::NumCompressed;
 using splitkv::ChunkRange;
 using splitkv::kRows;
 
@@ -67,22 +72,6 @@ struct NsaSplitArgs {
   float* lb = nullptr;            // [pairs][G][lb_stride] log2 block masses (when plan.score)
   int32_t* sel = nullptr;         // [pairs][num_selected] ascending block ids, -1 in unused slots
 };
-
-__device__ __forceinline__ int64_t NumCompressed(const NsaKernelGeometry& g, int64_t t) {
-  return t + 1 < g.cmp_block ? 0 : (t + 1 - g.cmp_block) / g.cmp_stride + 1;
-}
-
-// First compressed token that overlaps selection block j: i d + l > j l'.
-__host__ __device__ __forceinline__ int64_t FirstOverlappingToken(const NsaKernelGeometry& g, int64_t j) {
-  const int64_t x = j * g.sel_block - g.cmp_block;
-  return x < 0 ? 0 : x / g.cmp_stride + 1;
-}
-
-// First compressed token that starts in block j or later: i d >= j l'. Block j "owns" the tokens
-// starting inside it; they are attended by the chunk holding block j.
-__host__ __device__ __forceinline__ int64_t FirstOwnedToken(const NsaKernelGeometry& g, int64_t j) {
-  return (j * g.sel_block + g.cmp_stride - 1) / g.cmp_stride;
-}
 
 // ---- Kernels 1 and 3 ------------------------------------------------------------------------------
 
@@ -180,27 +169,10 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
     // overlapping block j, which are all of them (the chunk starts at its first block's first
     // overlapping token). Token and row indices fit in 32 bits (positions are int32).
     auto block_masses = [&](int c, const ChunkRange& r) {
-      int64_t ja64, jb64;
-      blocks_of(c, &ja64, &jb64);
-      const int ja = static_cast<int>(ja64), nblk = static_cast<int>(jb64 - ja64);
-      const int cl = geo.cmp_block, cd = geo.cmp_stride, sl = geo.sel_block;
-      const int sb = static_cast<int>(r.score_begin), end = static_cast<int>(r.end);
-      const float inv_d = 1.0f / static_cast<float>(cd);
-      for (int i = threadIdx.x; i < G * nblk; i += splitkv::kThreads) {
-        const int h = i / nblk, j = ja + (i - h * nblk);
-        const int x = j * sl - cl;
-        const int lo = max(x < 0 ? 0 : x / cd + 1, sb);
-        const int hi = min(((j + 1) * sl + cd - 1) / cd, end);  // exclusive: first token owned by j + 1
-        const float* srow = tile + h * splitkv::kScoreStride - sb;
-        float mx = -INFINITY;
-        for (int k = lo; k < hi; ++k) mx = fmaxf(mx, srow[k]);
-        float sum = 0.0f;
-        for (int k = lo; k < hi; ++k) {
-          const int overlap = min(k * cd + cl, (j + 1) * sl) - max(k * cd, j * sl);
-          sum += exp2f(srow[k] - mx) * static_cast<float>(overlap);
-        }
-        lb_pair[h * plan.lb_stride + j] = sum > 0.0f ? mx + log2f(sum * inv_d) : -INFINITY;
-      }
+      int64_t ja, jb;
+      blocks_of(c, &ja, &jb);
+      nsa_chunks::BlockMasses(geo, G, tile, static_cast<int>(ja), static_cast<int>(jb - ja), r, lb_pair,
+                              plan.lb_stride);
     };
     splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
                                   same_row, smem, sink, block_masses, ps.ml + ps.Index(pair, slot),
@@ -464,22 +436,6 @@ __global__ void __launch_bounds__(kMergeThreads) NsaMergeKernel(const NsaSplitAr
 }
 
 // ---- Host plan ------------------------------------------------------------------------------------
-
-// The most selection blocks a compressed chunk can hold: its owned tokens plus the earlier tokens
-// overlapping its first block must fit in kRows rows. 0 if not even one block fits.
-inline int CmpBlocksPerChunk(const NsaKernelGeometry& g) {
-  // Once j l' >= l no index is clamped at 0, and shifting the first block by d shifts every token
-  // index by l': d + 1 consecutive starts from there (and the clamped ones before) cover all.
-  const int64_t unclamped = g.cmp_block / g.sel_block + 1;
-  for (int b = kRows; b >= 1; --b) {
-    bool fits = true;
-    for (int64_t ja = 0; ja <= unclamped + g.cmp_stride && fits; ++ja) {
-      fits = FirstOwnedToken(g, ja + b) - FirstOverlappingToken(g, ja) <= kRows;
-    }
-    if (fits) return b;
-  }
-  return 0;
-}
 
 // Dynamic shared memory of kernels 1/3 (the larger of the score tile and the selected-id list).
 template <int DK, int DV>

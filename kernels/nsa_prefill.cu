@@ -1,9 +1,11 @@
-// NSA prefill: the kernel and launcher declared in kernels/nsa_prefill.h. One thread block per
-// (query token, KV head) runs detail::NsaGroupAttention; the window rows of the chunk come from the
+// NSA prefill: the kernels and launcher declared in kernels/nsa_prefill.h. The tensor-core path
+// (kernels/nsa_prefill_tc.cuh) runs where it applies; otherwise one thread block per (query token,
+// KV head) runs detail::NsaGroupAttention; the window rows of the chunk come from the
 // contiguous chunk buffers when the window is a ring (see the header's contract).
 #include "kernels/nsa_prefill.h"
 
 #include "kernels/attention_common.cuh"
+#include "kernels/nsa_prefill_tc.cuh"
 
 namespace needle::kernels {
 namespace {
@@ -74,6 +76,10 @@ size_t NsaPrefillWorkspaceBytes(int num_tokens, int num_kv_heads, int group_size
 cudaError_t LaunchNsaPrefill(const NsaPrefillParams& p, void* workspace, cudaStream_t stream) {
   if (!ParamsValid(p)) return cudaErrorInvalidValue;
   if (p.num_tokens == 0) return cudaSuccess;
+  if (!p.simple && detail::nsa_prefill_tc::Supported(p.head_dim_qk, p.head_dim_v)) {
+    const cudaError_t e = detail::nsa_prefill_tc::Launch(p, stream);
+    if (e != cudaErrorNotSupported) return e;
+  }
   return detail::DispatchHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) -> cudaError_t {
     constexpr int kDk = decltype(dims)::qk, kDv = decltype(dims)::v;
     const int G = p.num_heads / p.num_kv_heads;

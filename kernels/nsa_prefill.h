@@ -60,6 +60,9 @@ struct NsaPrefillParams {
   const __nv_bfloat16* window_k_chunk = nullptr;
   const __nv_bfloat16* window_v_chunk = nullptr;
   bool shared_kv = true;  // the window branch reads the selection cache
+  // Forces the simple kernel (one 256-thread block per (query token, KV head), scalar dot products)
+  // where the tensor-core path would run; for tests and benchmarks.
+  bool simple = false;
 };
 
 bool NsaPrefillSupported(int head_dim_qk, int head_dim_v, int group_size);
@@ -67,7 +70,9 @@ bool NsaPrefillSupported(int head_dim_qk, int head_dim_v, int group_size);
 // Device workspace LaunchNsaPrefill needs (0 today).
 size_t NsaPrefillWorkspaceBytes(int num_tokens, int num_kv_heads, int group_size, int max_context);
 
-// One thread block per (query token, KV head). cudaErrorInvalidValue for unsupported or
+// One thread block per (query token, KV head): the tensor-core path (kernels/nsa_prefill_tc.cuh) for
+// d_k/d_v 192/128, 128/128 and 64/64 when its shared memory fits, else (and with params.simple) the
+// simple kernel. cudaErrorInvalidValue for unsupported or
 // inconsistent params (nothing launched); otherwise the launch status.
 cudaError_t LaunchNsaPrefill(const NsaPrefillParams& params, void* workspace, cudaStream_t stream);
 

@@ -724,7 +724,9 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
       a.num_kv_heads = static_cast<int>(Hkv);
       a.head_dim_qk = static_cast<int>(dk);
       a.head_dim_v = static_cast<int>(dv);
-      a.max_context = static_cast<int>(config_.max_context);
+      // The chunks' own bound, not the executor's: the tensor-core prefill keeps G x (blocks up to it)
+      // block scores on chip and falls back to the simple kernel when they do not fit.
+      a.max_context = static_cast<int>(sp.max_prefill_end);
       a.softmax_scale = scale;
       a.geometry = geometry;
       a.compressed = Cache(Pool::kCompressed, layer, sp, nd);

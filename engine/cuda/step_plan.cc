@@ -155,6 +155,12 @@ absl::StatusOr<StepPlanLayout> LayoutStepPlan(const StepPlan& plan, const PlanGe
     }
     if (pass == 0) out.num_decodes = static_cast<int>(out.order.size()) + (out.num_seqs - num_seqs);
   }
+  for (int i = 0; i < num_seqs; ++i) {
+    const SeqStep& q = plan.seqs[i];
+    if (q.tokens.size() != 1) {
+      out.max_prefill_end = std::max<int64_t>(out.max_prefill_end, q.start_pos + static_cast<int64_t>(q.tokens.size()));
+    }
+  }
   int base = 0;
   for (int s = 0; s < out.num_seqs; ++s) {
     out.token_base.push_back(base);

@@ -90,6 +90,9 @@ struct StepPlanLayout {
                                  // StepOutput row order
 
   // Host side only.
+  int64_t max_prefill_end = 0;      // max over the prefill sequences of start_pos + tokens (0: none);
+                                    // bounds their queries' positions + 1 (the prefill kernels size
+                                    // their on-chip block scores by it)
   std::vector<int> order;           // internal sequence index -> plan index [plan_seqs]
   std::vector<int> token_base;      // internal sequence index -> its first packed token [num_seqs]
   std::vector<int64_t> first_row;   // plan index -> StepOutput::first_row

@@ -17,11 +17,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/nsa_decode.h"
@@ -171,8 +173,11 @@ constexpr int kAutoSplits = 0;
 // prefill kernel, and checks every output element and the selected blocks. split_chunks picks the
 // decode path; workspace_divisor > 1 hands the split path a workspace that much smaller than it asks
 // for (it must cut coarser splits and stay correct).
-void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel, int workspace_divisor = 1) {
-  SCOPED_TRACE("case " + c.name + (decode ? " (decode)" : " (prefill)") + " seed " + std::to_string(c.seed));
+// simple_prefill: run prefill through the simple kernel (NsaPrefillParams::simple).
+void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel, int workspace_divisor = 1,
+                bool simple_prefill = false) {
+  SCOPED_TRACE("case " + c.name + (decode ? " (decode)" : simple_prefill ? " (simple prefill)" : " (prefill)") +
+               " seed " + std::to_string(c.seed));
   std::mt19937_64 rng(c.seed);
   const int hkv = c.num_kv_heads, G = c.group, H = hkv * G, dk = c.dk, dv = c.dv;
   const int num_seqs = static_cast<int>(c.seqs.size());
@@ -358,6 +363,7 @@ void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel,
     p.window_k_chunk = c.shared_kv ? nullptr : reinterpret_cast<const __nv_bfloat16*>(d_wk.get());
     p.window_v_chunk = c.shared_kv ? nullptr : reinterpret_cast<const __nv_bfloat16*>(d_wv.get());
     p.shared_kv = c.shared_kv;
+    p.simple = simple_prefill;
     ASSERT_EQ(NsaPrefillWorkspaceBytes(num_tokens, hkv, G, max_context), 0u);
     NEEDLE_CUDA_ASSERT(LaunchNsaPrefill(p, nullptr, nullptr));
   }
@@ -368,48 +374,76 @@ void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel,
   NEEDLE_CUDA_ASSERT(d_sel.Download(&sel));
   const std::vector<float> out = gpu_test::FromBf16Bits(out_bits);
 
-  // Reference, one (query token, KV group) at a time.
-  std::vector<float> expected(static_cast<size_t>(G) * dv);
+  // Reference, one (query token, KV group) at a time, spread over std::threads (long contexts make
+  // the CPU reference the slow part); the first failure of each item is reported in item order.
+  struct Item {
+    int s, i, h;
+  };
+  std::vector<Item> items;
   for (int s = 0; s < num_seqs; ++s) {
-    const HostSeq& d = seqs[s];
     for (int i = 0; i < c.seqs[s].len; ++i) {
+      for (int h = 0; h < hkv; ++h) items.push_back({s, i, h});
+    }
+  }
+  std::vector<std::string> failures(items.size());
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  auto worker = [&] {
+    std::vector<float> expected(static_cast<size_t>(G) * dv);
+    for (size_t n = next++; n < items.size() && !failed; n = next++) {
+      const int s = items[n].s, i = items[n].i, h = items[n].h;
+      const HostSeq& d = seqs[s];
       const int token = cu[s] + i;
       const int64_t t = c.seqs[s].start + i;
-      for (int h = 0; h < hkv; ++h) {
-        ref::NsaBranchRows r;
-        r.kc = ref::KvRows::Contiguous(d.kc.data() + h * d.cmp_rows * dk, dk);
-        r.vc = ref::KvRows::Contiguous(d.vc.data() + h * d.cmp_rows * dv, dv);
-        r.ks = ref::KvRows::Contiguous(d.ks.data() + h * d.rows * dk, dk);
-        r.vs = ref::KvRows::Contiguous(d.vs.data() + h * d.rows * dv, dv);
-        r.kw = c.shared_kv ? r.ks : ref::KvRows::Contiguous(d.kw.data() + h * d.rows * dk, dk);
-        r.vw = c.shared_kv ? r.vs : ref::KvRows::Contiguous(d.vw.data() + h * d.rows * dv, dv);
-        const size_t head0 = static_cast<size_t>(token) * H + static_cast<size_t>(h) * G;
-        const float* qg = q.data() + head0 * dk;
-        const float* gg = gates.data() + head0 * 3;
-        std::vector<int64_t> want;
-        ref::NsaAttention(qg, gg, G, dk, dv, r, t, scale, rg, expected.data(), &want);
-        const int32_t* sg = sel.data() + (static_cast<size_t>(token) * hkv + h) * c.geo.num_selected;
-        std::vector<int64_t> got;
-        bool padding_ok = true;
-        for (int k = 0; k < c.geo.num_selected; ++k) {
-          if (sg[k] >= 0) {
-            if (!padding_ok) got.push_back(-2);  // an id after a -1: invalid
-            got.push_back(sg[k]);
-          } else {
-            padding_ok = false;
-          }
+      ref::NsaBranchRows r;
+      r.kc = ref::KvRows::Contiguous(d.kc.data() + h * d.cmp_rows * dk, dk);
+      r.vc = ref::KvRows::Contiguous(d.vc.data() + h * d.cmp_rows * dv, dv);
+      r.ks = ref::KvRows::Contiguous(d.ks.data() + h * d.rows * dk, dk);
+      r.vs = ref::KvRows::Contiguous(d.vs.data() + h * d.rows * dv, dv);
+      r.kw = c.shared_kv ? r.ks : ref::KvRows::Contiguous(d.kw.data() + h * d.rows * dk, dk);
+      r.vw = c.shared_kv ? r.vs : ref::KvRows::Contiguous(d.vw.data() + h * d.rows * dv, dv);
+      const size_t head0 = static_cast<size_t>(token) * H + static_cast<size_t>(h) * G;
+      const float* qg = q.data() + head0 * dk;
+      const float* gg = gates.data() + head0 * 3;
+      std::vector<int64_t> want;
+      ref::NsaAttention(qg, gg, G, dk, dv, r, t, scale, rg, expected.data(), &want);
+      const int32_t* sg = sel.data() + (static_cast<size_t>(token) * hkv + h) * c.geo.num_selected;
+      std::vector<int64_t> got;
+      bool padding_ok = true;
+      for (int k = 0; k < c.geo.num_selected; ++k) {
+        if (sg[k] >= 0) {
+          if (!padding_ok) got.push_back(-2);  // an id after a -1: invalid
+          got.push_back(sg[k]);
+        } else {
+          padding_ok = false;
         }
-        std::ostringstream where;
-        where << "seed " << c.seed << " case " << c.name << " token " << token << " (sequence " << s << ", position "
-              << t << ") KV head " << h;
-        const std::string sel_error =
-            CheckSelection(got, want, c.zero_cmp_keys, qg, G, dk, r, t, scale, rg);
-        ASSERT_EQ(sel_error, "") << where.str();
-        if (got != want) RefNsaWithBlocks(qg, gg, G, dk, dv, r, t, scale, rg, got, expected.data());
-        ASSERT_TRUE(gpu_test::AllClose(out.data() + head0 * dv, expected.data(), expected.size(), kAtol, kRtol,
-                                       where.str() + ", output [G][d_v] of the group"));
+      }
+      std::ostringstream where;
+      where << "seed " << c.seed << " case " << c.name << " token " << token << " (sequence " << s << ", position " << t
+            << ") KV head " << h;
+      const std::string sel_error = CheckSelection(got, want, c.zero_cmp_keys, qg, G, dk, r, t, scale, rg);
+      if (!sel_error.empty()) {
+        failures[n] = where.str() + ": " + sel_error;
+        failed = true;
+        break;
+      }
+      if (got != want) RefNsaWithBlocks(qg, gg, G, dk, dv, r, t, scale, rg, got, expected.data());
+      const ::testing::AssertionResult ok = gpu_test::AllClose(out.data() + head0 * dv, expected.data(), expected.size(),
+                                                               kAtol, kRtol, where.str() + ", output [G][d_v] of the group");
+      if (!ok) {
+        failures[n] = ok.message();
+        failed = true;
+        break;
       }
     }
+  };
+  const size_t workers =
+      std::max<size_t>(1, std::min<size_t>(items.size(), std::max(1u, std::thread::hardware_concurrency())));
+  std::vector<std::thread> threads;
+  for (size_t w = 0; w < workers; ++w) threads.emplace_back(worker);
+  for (std::thread& th : threads) th.join();
+  for (const std::string& f : failures) {
+    ASSERT_TRUE(f.empty()) << f;
   }
 }
 
@@ -693,6 +727,76 @@ TEST(NsaPrefillGpuTest, Chunks) {
   for (size_t i = 0; i < cases.size(); ++i) {
     NsaCase c = cases[i];
     c.seed = 600 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/false));
+  }
+}
+
+// The same chunks through the simple kernel (NsaPrefillParams::simple), which the tensor-core path
+// replaced for 192/128, 128/128 and 64/64.
+TEST(NsaPrefillGpuTest, SimpleKernel) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<NsaCase> cases = {
+      {"paper d192/128 G16 ring", PaperGeometry(), 192, 128, 1, 16, false, {{0, 40}, {1500, 1}, {3000, 24}}},
+      {"fla d64 G16 shared", FlaGeometry(1, 2), 64, 64, 2, 16, true, {{0, 130}, {1000, 70}}},
+      {"chunked C16 n16 d64 G8 shared", ChunkedMerge16(), 64, 64, 1, 8, true, {{250, 20}, {1000, 70}}, 16, 16},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 650 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/false, kSingleKernel, 1, /*simple_prefill=*/true));
+  }
+}
+
+// The tensor-core prefill path (kernels/nsa_prefill_tc.cuh: d_k/d_v 192/128, 128/128, 64/64): chunks
+// from position 0 and mid-sequence, a chunk longer than the window ring, ragged batches, G up to 64,
+// the chunked top-k merge, ties, and the simple kernel's head dims next to it (16/16, 24/16, 32/32).
+TEST(NsaPrefillGpuTest, TensorCore) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const NsaKernelGeometry tiny_paper{8, 4, 16, 4, 1, 2, 32};
+  const NsaKernelGeometry tiny_llama_nsa{16, 16, 16, 3, 0, 1, 32};
+  std::vector<NsaCase> cases = {
+      {"paper d192/128 G16 ring 0+300, 1500+600", PaperGeometry(), 192, 128, 2, 16, false, {{0, 300}, {1500, 600}}},
+      {"paper d192/128 G16 shared 4090+40, 1030+5", PaperGeometry(), 192, 128, 2, 16, true, {{4090, 40}, {1030, 5}}},
+      {"paper d192/128 G16 ring pages128 cmp-pages32 fp32-gates", PaperGeometry(), 192, 128, 1, 16, false,
+       {{1000, 100}, {0, 3}, {2047, 2}}, 128, 32, GateDType::kFp32},
+      {"paper d192/128 G64 ring", PaperGeometry(), 192, 128, 1, 64, false, {{1020, 12}, {0, 5}}},
+      {"paper d128 G4 shared ragged", PaperGeometry(), 128, 128, 2, 4, true, {{0, 1}, {63, 66}, {1087, 2}, {2500, 33}}},
+      {"paper d64 G3 ring pages16", PaperGeometry(), 64, 64, 2, 3, false, {{200, 70}, {1100, 30}}, 16, 16},
+      {"fla d64 G16 shared 0+200, 1500+600", FlaGeometry(1, 2), 64, 64, 2, 16, true, {{0, 200}, {1500, 600}}},
+      {"fla forced current d64 G32 ring", FlaGeometry(0, 1), 64, 64, 1, 32, false, {{990, 70}, {4090, 40}}},
+      {"fla no forced d64 G48 shared", FlaGeometry(0, 0), 64, 64, 1, 48, true, {{1100, 20}}},
+      {"chunked C16 n16 d64 G8 shared", ChunkedMerge16(), 64, 64, 2, 8, true, {{0, 300}, {1000, 70}, {4090, 40}},
+       16, 16},
+      {"chunked C64 n48 d192/128 G4 ring", ChunkedMerge64(), 192, 128, 1, 4, false, {{4090, 40}, {8190, 4}}},
+      {"tiny-nsa-paper geometry d64 G16 ring pages32", tiny_paper, 64, 64, 1, 16, false, {{0, 40}, {30, 50}, {200, 17}},
+       32, 16},
+      {"tiny-llama-nsa geometry d64 G8 shared pages16", tiny_llama_nsa, 64, 64, 2, 8, true, {{0, 70}, {64, 64}}, 16, 16},
+      {"simple kernel d16 G2 shared", tiny_llama_nsa, 16, 16, 1, 2, true, {{0, 40}, {100, 30}}, 16, 16},
+      {"simple kernel d24/16 G2 ring", tiny_paper, 24, 16, 1, 2, false, {{0, 40}, {30, 50}}, 16, 8},
+      {"simple kernel d32 G4 ring", PaperGeometry(), 32, 32, 1, 4, false, {{1000, 30}}},
+  };
+  cases.push_back({"ties paper d192/128 G16", PaperGeometry(), 192, 128, 1, 16, true, {{1100, 10}, {3000, 5}}});
+  cases.back().zero_cmp_keys = true;
+  cases.push_back({"ties chunked C16 n16 d64 G8", ChunkedMerge16(), 64, 64, 1, 8, true, {{700, 10}, {2047, 3}}, 16, 16});
+  cases.back().zero_cmp_keys = true;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 700 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/false));
+  }
+}
+
+// Long contexts: a 512-token chunk at position 60000 (paper ring, FLA shared), a 64k chunk tail.
+TEST(NsaPrefillGpuTest, TensorCoreLongContext) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const std::vector<NsaCase> cases = {
+      {"paper d192/128 G16 ring 60000+512", PaperGeometry(), 192, 128, 1, 16, false, {{60000, 512}}},
+      {"fla d64 G16 shared 60000+512, 5+100", FlaGeometry(1, 2), 64, 64, 1, 16, true, {{60000, 512}, {5, 100}}},
+      {"chunked C16 n16 d64 G8 shared 30000+256", ChunkedMerge16(), 64, 64, 1, 8, true, {{30000, 256}}, 16, 16},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 800 + i;
     ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/false));
   }
 }

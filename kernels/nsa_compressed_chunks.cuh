@@ -1,0 +1,75 @@
+// The compressed branch of NSA cut into chunks of whole selection blocks, shared by the split-KV
+// decode (kernels/nsa_decode_split.cuh) and the tensor-core prefill (kernels/nsa_prefill_tc.cuh):
+// which compressed tokens a chunk attends and scores, and the fold of a chunk's score tile into
+// per-head log2 block masses. Device and host functions only (no kernels), so both may include it.
+// CUDA only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/nsa_decode.h"
+#include "kernels/split_kv_attention.cuh"
+
+namespace needle::kernels::detail::nsa_chunks {
+
+using splitkv::ChunkRange;
+using splitkv::kRows;
+
+__device__ __forceinline__ int64_t NumCompressed(const NsaKernelGeometry& g, int64_t t) {
+  return t + 1 < g.cmp_block ? 0 : (t + 1 - g.cmp_block) / g.cmp_stride + 1;
+}
+
+// First compressed token that overlaps selection block j: i d + l > j l'.
+__host__ __device__ __forceinline__ int64_t FirstOverlappingToken(const NsaKernelGeometry& g, int64_t j) {
+  const int64_t x = j * g.sel_block - g.cmp_block;
+  return x < 0 ? 0 : x / g.cmp_stride + 1;
+}
+
+// First compressed token that starts in block j or later (owned by block j or a later one).
+__host__ __device__ __forceinline__ int64_t FirstOwnedToken(const NsaKernelGeometry& g, int64_t j) {
+  return (j * g.sel_block + g.cmp_stride - 1) / g.cmp_stride;
+}
+
+// The most selection blocks a compressed chunk can hold (its owned tokens plus the earlier tokens
+// overlapping its first block within kRows rows); 0 if not even one block fits.
+inline int CmpBlocksPerChunk(const NsaKernelGeometry& g) {
+  const int64_t unclamped = g.cmp_block / g.sel_block + 1;
+  for (int b = kRows; b >= 1; --b) {
+    bool fits = true;
+    for (int64_t ja = 0; ja <= unclamped + g.cmp_stride && fits; ++ja) {
+      fits = FirstOwnedToken(g, ja + b) - FirstOverlappingToken(g, ja) <= kRows;
+    }
+    if (fits) return b;
+  }
+  return 0;
+}
+
+// lb[h][j] = log2 sum_i exp2(s_hi) |[i d, i d + l) ∩ [j l', (j+1) l')| / d over the compressed tokens
+// i overlapping block j, for the blocks ja..ja+nblk-1 of one chunk whose scores (log2 domain, entry
+// i at tile column i - score_begin) are in `tile`. The chunk holds every token overlapping its
+// blocks. All splitkv::kThreads threads of the block take part.
+__device__ inline void BlockMasses(const NsaKernelGeometry& geo, int G, const float* tile, int ja, int nblk,
+                                   const ChunkRange& r, float* lb, int lb_stride) {
+  const int cl = geo.cmp_block, cd = geo.cmp_stride, sl = geo.sel_block;
+  const int sb = static_cast<int>(r.score_begin), end = static_cast<int>(r.end);
+  const float inv_d = 1.0f / static_cast<float>(cd);
+  for (int i = threadIdx.x; i < G * nblk; i += splitkv::kThreads) {
+    const int h = i / nblk, j = ja + (i - h * nblk);
+    const int x = j * sl - cl;
+    const int lo = max(x < 0 ? 0 : x / cd + 1, sb);
+    const int hi = min(((j + 1) * sl + cd - 1) / cd, end);  // exclusive: first token owned by j + 1
+    const float* srow = tile + h * splitkv::kScoreStride - sb;
+    float mx = -INFINITY;
+    for (int k = lo; k < hi; ++k) mx = fmaxf(mx, srow[k]);
+    float sum = 0.0f;
+    for (int k = lo; k < hi; ++k) {
+      const int overlap = min(k * cd + cl, (j + 1) * sl) - max(k * cd, j * sl);
+      sum += exp2f(srow[k] - mx) * static_cast<float>(overlap);
+    }
+    lb[h * lb_stride + j] = sum > 0.0f ? mx + log2f(sum * inv_d) : -INFINITY;
+  }
+}
+
+}  // namespace needle::kernels::detail::nsa_chunks
