@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <iostream>
 
 namespace needle::clients {
 
@@ -57,6 +59,33 @@ const char* CodeName(grpc::StatusCode code) {
                                        "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
   const int i = static_cast<int>(code);
   return i >= 0 && i < static_cast<int>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[i] : "UNKNOWN_CODE";
+}
+
+bool ArgReader::Next() {
+  if (++index_ >= argc_) return false;
+  flag_ = argv_[index_];
+  has_inline_value_ = false;
+  if (const size_t eq = flag_.find('='); flag_.rfind("--", 0) == 0 && eq != std::string::npos) {
+    inline_value_ = flag_.substr(eq + 1);
+    flag_.resize(eq);
+    has_inline_value_ = true;
+  }
+  if (flag_ == "--help" || flag_ == "-h") {
+    std::cout << usage_;
+    std::exit(0);
+  }
+  return true;
+}
+
+std::string ArgReader::Value() {
+  if (has_inline_value_) return inline_value_;
+  if (index_ + 1 >= argc_) Fail(flag_ + " needs a value");
+  return argv_[++index_];
+}
+
+void ArgReader::Fail(const std::string& message) const {
+  std::cerr << program_ << ": " << message << "\n\n" << usage_;
+  std::exit(2);
 }
 
 }  // namespace needle::clients

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "grpcpp/grpcpp.h"
@@ -27,5 +29,39 @@ std::vector<double> Gaps(const std::vector<double>& times);
 
 const char* ReasonName(v1::FinishReason r);
 const char* CodeName(grpc::StatusCode code);
+
+// The clients' command line: `--name VALUE` or `--name=VALUE`, read in order. Every error prints
+// "<program>: <message>", the usage, and exits with status 2; --help / -h print the usage and exit 0.
+class ArgReader {
+ public:
+  ArgReader(int argc, char** argv, std::string program, std::string usage)
+      : argc_(argc), argv_(argv), program_(std::move(program)), usage_(std::move(usage)) {}
+
+  // Moves to the next argument; false when none is left.
+  bool Next();
+  // The current argument's name ("--max-tokens"), without an inline "=value".
+  const std::string& flag() const { return flag_; }
+  // The current flag's value: the inline one, else the next argument.
+  std::string Value();
+  // Value() parsed as a number of type T (the whole text must parse).
+  template <typename T>
+  T Number() {
+    const std::string text = Value();
+    std::istringstream in(text);
+    T value{};
+    in >> value;
+    if (in.fail() || !in.eof()) Fail(flag_ + ": not a number: \"" + text + "\"");
+    return value;
+  }
+  [[noreturn]] void Fail(const std::string& message) const;
+
+ private:
+  int argc_;
+  char** argv_;
+  std::string program_, usage_;
+  int index_ = 0;
+  std::string flag_, inline_value_;
+  bool has_inline_value_ = false;
+};
 
 }  // namespace needle::clients

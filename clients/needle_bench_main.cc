@@ -55,67 +55,42 @@ struct Options {
   bool progress = true;
 };
 
-[[noreturn]] void UsageError(const std::string& message) {
-  std::cerr << "needle-bench: " << message << "\n\n" << kUsage;
-  std::exit(2);
-}
-
-template <typename T>
-T Parse(const std::string& flag, const std::string& text) {
-  std::istringstream in(text);
-  T v{};
-  in >> v;
-  if (in.fail() || !in.eof()) UsageError(flag + ": not a number: \"" + text + "\"");
-  return v;
-}
-
 Options ParseArgs(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i], value;
-    bool inline_value = false;
-    if (size_t eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = arg.substr(eq + 1), arg = arg.substr(0, eq), inline_value = true;
-    }
-    auto next = [&]() -> std::string {
-      if (inline_value) return value;
-      if (i + 1 >= argc) UsageError(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--help" || arg == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    } else if (arg == "--server") {
-      o.server = next();
+  ArgReader args(argc, argv, "needle-bench", kUsage);
+  while (args.Next()) {
+    const std::string& arg = args.flag();
+    if (arg == "--server") {
+      o.server = args.Value();
     } else if (arg == "--concurrency") {
-      o.concurrency = Parse<int>(arg, next());
+      o.concurrency = args.Number<int>();
     } else if (arg == "--prompt-tokens") {
-      o.prompt_tokens = Parse<int64_t>(arg, next());
+      o.prompt_tokens = args.Number<int64_t>();
     } else if (arg == "--max-tokens") {
-      o.max_tokens = Parse<int64_t>(arg, next());
+      o.max_tokens = args.Number<int64_t>();
     } else if (arg == "--requests") {
-      o.requests = Parse<int>(arg, next());
+      o.requests = args.Number<int>();
     } else if (arg == "--warmup") {
-      o.warmup = Parse<int>(arg, next());
+      o.warmup = args.Number<int>();
     } else if (arg == "--temperature") {
-      o.temperature = Parse<double>(arg, next());
+      o.temperature = args.Number<double>();
     } else if (arg == "--timeout-s") {
-      o.timeout_s = Parse<double>(arg, next());
+      o.timeout_s = args.Number<double>();
     } else if (arg == "--label") {
-      o.label = next();
+      o.label = args.Value();
     } else if (arg == "--json") {
-      o.json_path = next();
+      o.json_path = args.Value();
     } else if (arg == "--no-progress") {
       o.progress = false;
     } else {
-      UsageError("unknown argument " + arg);
+      args.Fail("unknown argument " + arg);
     }
   }
-  if (o.concurrency < 1) UsageError("--concurrency must be >= 1");
-  if (o.prompt_tokens < 1) UsageError("--prompt-tokens must be >= 1");
-  if (o.max_tokens < 1) UsageError("--max-tokens must be >= 1");
+  if (o.concurrency < 1) args.Fail("--concurrency must be >= 1");
+  if (o.prompt_tokens < 1) args.Fail("--prompt-tokens must be >= 1");
+  if (o.max_tokens < 1) args.Fail("--max-tokens must be >= 1");
   if (o.requests == 0) o.requests = o.concurrency;
-  if (o.requests < 1 || o.warmup < 0) UsageError("--requests must be >= 1 and --warmup >= 0");
+  if (o.requests < 1 || o.warmup < 0) args.Fail("--requests must be >= 1 and --warmup >= 0");
   return o;
 }
 

@@ -73,74 +73,51 @@ struct Options {
   std::exit(2);
 }
 
-template <typename T>
-T ParseNumber(const std::string& flag, const std::string& text) {
-  std::istringstream in(text);
-  T value{};
-  in >> value;
-  if (in.fail() || !in.eof()) UsageError(flag + ": not a number: \"" + text + "\"");
-  return value;
-}
-
 Options ParseArgs(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    std::string value;
-    bool has_inline_value = false;
-    if (size_t eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = arg.substr(eq + 1);
-      arg = arg.substr(0, eq);
-      has_inline_value = true;
-    }
-    auto next = [&]() -> std::string {
-      if (has_inline_value) return value;
-      if (i + 1 >= argc) UsageError(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--help" || arg == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    } else if (arg == "--server") {
-      o.server = next();
+  ArgReader args(argc, argv, "needle-client", kUsage);
+  while (args.Next()) {
+    const std::string& arg = args.flag();
+    if (arg == "--server") {
+      o.server = args.Value();
     } else if (arg == "--prompt") {
-      o.prompt = next();
+      o.prompt = args.Value();
     } else if (arg == "--prompt-file") {
-      o.prompt_file = next();
+      o.prompt_file = args.Value();
     } else if (arg == "--prompt-tokens") {
-      o.prompt_tokens = ParseNumber<long>(arg, next());
+      o.prompt_tokens = args.Number<long>();
     } else if (arg == "--max-tokens") {
-      o.max_tokens = ParseNumber<long>(arg, next());
+      o.max_tokens = args.Number<long>();
     } else if (arg == "--temperature") {
-      o.temperature = ParseNumber<double>(arg, next());
+      o.temperature = args.Number<double>();
     } else if (arg == "--top-p") {
-      o.top_p = ParseNumber<double>(arg, next());
+      o.top_p = args.Number<double>();
     } else if (arg == "--top-k") {
-      o.top_k = ParseNumber<long>(arg, next());
+      o.top_k = args.Number<long>();
     } else if (arg == "--seed") {
-      o.seed = ParseNumber<unsigned long long>(arg, next());
+      o.seed = args.Number<unsigned long long>();
     } else if (arg == "--ignore-eos") {
       o.ignore_eos = true;
     } else if (arg == "--stop") {
-      o.stop.push_back(next());
+      o.stop.push_back(args.Value());
     } else if (arg == "--request-id") {
-      o.request_id = next();
+      o.request_id = args.Value();
     } else if (arg == "--timeout-s") {
-      o.timeout_s = ParseNumber<double>(arg, next());
+      o.timeout_s = args.Number<double>();
     } else if (arg == "--wait-ready-s") {
-      o.wait_ready_s = ParseNumber<double>(arg, next());
+      o.wait_ready_s = args.Number<double>();
     } else if (arg == "--json") {
       o.json = true;
     } else {
-      UsageError("unknown argument \"" + arg + "\"");
+      args.Fail("unknown argument \"" + arg + "\"");
     }
   }
   const int inputs = (o.prompt ? 1 : 0) + (o.prompt_file ? 1 : 0) + (o.prompt_tokens ? 1 : 0);
-  if (inputs != 1) UsageError("give exactly one of --prompt, --prompt-file, --prompt-tokens");
-  if (o.prompt_tokens && *o.prompt_tokens < 1) UsageError("--prompt-tokens must be >= 1");
-  if (o.max_tokens && (*o.max_tokens < 0 || *o.max_tokens > 0xffffffffl)) UsageError("--max-tokens out of range");
-  if (o.top_k && (*o.top_k < 0 || *o.top_k > 0xffffffffl)) UsageError("--top-k out of range");
-  if (o.timeout_s && !(*o.timeout_s > 0)) UsageError("--timeout-s must be > 0");
+  if (inputs != 1) args.Fail("give exactly one of --prompt, --prompt-file, --prompt-tokens");
+  if (o.prompt_tokens && *o.prompt_tokens < 1) args.Fail("--prompt-tokens must be >= 1");
+  if (o.max_tokens && (*o.max_tokens < 0 || *o.max_tokens > 0xffffffffl)) args.Fail("--max-tokens out of range");
+  if (o.top_k && (*o.top_k < 0 || *o.top_k > 0xffffffffl)) args.Fail("--top-k out of range");
+  if (o.timeout_s && !(*o.timeout_s > 0)) args.Fail("--timeout-s must be > 0");
   return o;
 }
 
