@@ -19,12 +19,12 @@
 #include "google/protobuf/descriptor.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection_subset.grpc.pb.h"
-#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "needle/v1/generation.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/e2e/raw_generate.h"
 #include "tests/e2e/subprocess.h"
 
 namespace needle::e2e {
@@ -383,36 +383,6 @@ TEST_F(ServerE2eTest, DeadlineEndsTheRequestAndFreesPages) {
   WaitForCancelled(cancelled_before + 1);
   ExpectPagesReturn();
   ExpectGoodRequest();
-}
-
-// Sends `request_bytes` as a serialized GenerateRequest, bypassing the client's own serializer.
-grpc::Status RawGenerate(const std::shared_ptr<grpc::Channel>& channel, const std::string& request_bytes) {
-  grpc::GenericStub stub(channel);
-  grpc::CompletionQueue cq;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  auto call = stub.PrepareCall(&ctx, "/needle.v1.Generation/Generate", &cq);
-  void* tag;
-  bool ok;
-  auto step = [&](int id) { return cq.Next(&tag, &ok) && tag == reinterpret_cast<void*>(id); };
-  call->StartCall(reinterpret_cast<void*>(1));
-  EXPECT_TRUE(step(1));
-  grpc::Slice slice(request_bytes);
-  grpc::ByteBuffer buffer(&slice, 1);
-  call->WriteLast(buffer, grpc::WriteOptions(), reinterpret_cast<void*>(2));
-  step(2);
-  grpc::ByteBuffer response;
-  for (;;) {
-    call->Read(&response, reinterpret_cast<void*>(3));
-    if (!step(3) || !ok) break;
-  }
-  grpc::Status status;
-  call->Finish(&status, reinterpret_cast<void*>(4));
-  step(4);
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
-  return status;
 }
 
 TEST_F(ServerE2eTest, BadInputGetsItsStatusAndTheServerKeepsServing) {

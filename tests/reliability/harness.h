@@ -16,6 +16,7 @@
 
 #include "grpcpp/grpcpp.h"
 #include "needle/v1/generation.grpc.pb.h"
+#include "tests/e2e/raw_generate.h"
 #include "tests/e2e/subprocess.h"
 
 namespace needle::reliability {
@@ -53,11 +54,7 @@ StreamResult Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& req
 StreamResult Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& request, grpc::ClientContext* ctx,
                       const OnMessage& on_message = {});
 
-// Sends `request_bytes` as a serialized GenerateRequest, bypassing the client's serializer, and
-// reads the stream to its end. `tokens`, when not null, receives the number of streamed token ids
-// (the responses are parsed).
-grpc::Status RawGenerate(const std::shared_ptr<grpc::Channel>& channel, const std::string& request_bytes,
-                         size_t* tokens = nullptr);
+using e2e::RawGenerate;  // tests/e2e/raw_generate.h
 
 // VmRSS of process `pid` in KiB (from /proc/PID/status), or -1.
 int64_t ResidentKib(pid_t pid);
