@@ -119,10 +119,14 @@ struct RowSource {
   int64_t k_tail_stride = 0;  // elements between consecutive tail rows
   int64_t v_tail_stride = 0;
 
+  // Row indices are token positions (int32), so the page arithmetic runs in 32 bits: a 64-bit
+  // division is a ~70-instruction subroutine, and the split-KV kernels address every row of a chunk.
   __device__ int64_t PageOffset(int64_t i, int64_t page_stride, int dim) const {
-    int64_t logical = i / page_rows;
-    if (ring_pages > 0) logical %= ring_pages;
-    return static_cast<int64_t>(table[logical]) * page_stride + (i % page_rows) * dim;
+    const uint32_t row = static_cast<uint32_t>(i), rows = static_cast<uint32_t>(page_rows);
+    uint32_t logical = row / rows;
+    const uint32_t in_page = row - logical * rows;
+    if (ring_pages > 0) logical %= static_cast<uint32_t>(ring_pages);
+    return static_cast<int64_t>(table[logical]) * page_stride + static_cast<int64_t>(in_page) * dim;
   }
   __device__ const bf16* K(int64_t i) const {
     return i >= tail_start ? k_tail + (i - tail_start) * k_tail_stride : k + PageOffset(i, k_page_stride, dk);

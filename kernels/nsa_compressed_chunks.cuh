@@ -21,15 +21,32 @@ __device__ __forceinline__ int64_t NumCompressed(const NsaKernelGeometry& g, int
   return t + 1 < g.cmp_block ? 0 : (t + 1 - g.cmp_block) / g.cmp_stride + 1;
 }
 
-// First compressed token that overlaps selection block j: i d + l > j l'.
-__host__ __device__ __forceinline__ int64_t FirstOverlappingToken(const NsaKernelGeometry& g, int64_t j) {
-  const int64_t x = j * g.sel_block - g.cmp_block;
+// First compressed token that overlaps selection block j: i d + l > j l'. I is int64_t on the host
+// and int in per-chunk device code (token indices fit in 32 bits; a 64-bit division costs ~70
+// instructions).
+template <class I>
+__host__ __device__ __forceinline__ I FirstOverlappingToken(const NsaKernelGeometry& g, I j) {
+  const I x = j * g.sel_block - g.cmp_block;
   return x < 0 ? 0 : x / g.cmp_stride + 1;
 }
 
 // First compressed token that starts in block j or later (owned by block j or a later one).
-__host__ __device__ __forceinline__ int64_t FirstOwnedToken(const NsaKernelGeometry& g, int64_t j) {
+template <class I>
+__host__ __device__ __forceinline__ I FirstOwnedToken(const NsaKernelGeometry& g, I j) {
   return (j * g.sel_block + g.cmp_stride - 1) / g.cmp_stride;
+}
+
+// Chunk c of a compressed branch cut into runs of B selection blocks, for a query with nb selection
+// blocks and nc compressed tokens: blocks [*ja, *jb), the tokens they own (attended) and, before them,
+// the earlier tokens overlapping block *ja (scored only), so the chunk scores its blocks completely.
+// 32-bit arithmetic: it runs for every chunk.
+__device__ __forceinline__ ChunkRange CompressedChunk(const NsaKernelGeometry& g, int B, int c, int nb, int nc,
+                                                      int* ja, int* jb) {
+  *ja = c * B;
+  *jb = min(*ja + B, nb);
+  const int end = min(FirstOwnedToken(g, *jb), nc);
+  const int attend = min(FirstOwnedToken(g, *ja), end);
+  return ChunkRange{min(FirstOverlappingToken(g, *ja), attend), attend, end};
 }
 
 // The most selection blocks a compressed chunk can hold (its owned tokens plus the earlier tokens
@@ -66,7 +83,7 @@ __device__ inline void BlockMasses(const NsaKernelGeometry& geo, int G, const fl
     float sum = 0.0f;
     for (int k = lo; k < hi; ++k) {
       const int overlap = min(k * cd + cl, (j + 1) * sl) - max(k * cd, j * sl);
-      sum += exp2f(srow[k] - mx) * static_cast<float>(overlap);
+      sum += Exp2Ftz(srow[k] - mx) * static_cast<float>(overlap);
     }
     lb[h * lb_stride + j] = sum > 0.0f ? mx + log2f(sum * inv_d) : -INFINITY;
   }

@@ -36,8 +36,6 @@
 namespace needle::kernels::detail::nsa_split {
 
 using nsa_chunks::CmpBlocksPerChunk;
-using nsa_chunks::FirstOverlappingToken;
-using nsa_chunks::FirstOwnedToken;
 using nsa_chunks::NumCompressed;
 using splitkv::ChunkRange;
 using splitkv::kRows;
@@ -119,7 +117,10 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
       const int64_t b = static_cast<int64_t>(c0 + c) * kRows;
       return ChunkRange{b, b, MinI64(rows, b + kRows)};
     };
-    auto selected_row = [=](int64_t f) { return static_cast<int64_t>(sel[f / lp]) * lp + f % lp; };
+    auto selected_row = [=](int64_t f) {  // 32-bit: f < n l'
+      const int i = static_cast<int>(f), b = i / static_cast<int>(lp);
+      return static_cast<int64_t>(sel[b]) * lp + (i - b * static_cast<int>(lp));
+    };
     splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.selection, seq, kv_head, DK, DV), count, chunk_of,
                                   selected_row, smem, splitkv::ScoreSink{}, no_scores, ps.ml + ps.Index(pair, slot),
                                   ps.acc + ps.Index(pair, slot) * DV);
@@ -136,16 +137,9 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
     const int chunks = static_cast<int>((nb + B - 1) / B);
     const int c0 = v0;
     const int count = max(0, min(min(v1, plan.cmp_chunks), chunks) - c0);
-    auto blocks_of = [=](int c, int64_t* ja, int64_t* jb) {
-      *ja = static_cast<int64_t>(c0 + c) * B;
-      *jb = MinI64(*ja + B, nb);
-    };
     auto chunk_of = [=](int c) {
-      int64_t ja, jb;
-      blocks_of(c, &ja, &jb);
-      const int64_t end = MinI64(FirstOwnedToken(geo, jb), nc);
-      const int64_t attend = MinI64(FirstOwnedToken(geo, ja), end);
-      return ChunkRange{MinI64(FirstOverlappingToken(geo, ja), attend), attend, end};
+      int ja, jb;
+      return nsa_chunks::CompressedChunk(geo, B, c0 + c, static_cast<int>(nb), static_cast<int>(nc), &ja, &jb);
     };
     const bool scoring = plan.score && nb > geo.num_selected && nc > 0;
     float* lb_pair = a.lb + static_cast<int64_t>(pair) * G * plan.lb_stride;
@@ -169,10 +163,8 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
     // overlapping block j, which are all of them (the chunk starts at its first block's first
     // overlapping token). Token and row indices fit in 32 bits (positions are int32).
     auto block_masses = [&](int c, const ChunkRange& r) {
-      int64_t ja, jb;
-      blocks_of(c, &ja, &jb);
-      nsa_chunks::BlockMasses(geo, G, tile, static_cast<int>(ja), static_cast<int>(jb - ja), r, lb_pair,
-                              plan.lb_stride);
+      const int ja = (c0 + c) * B, jb = min(ja + B, static_cast<int>(nb));
+      nsa_chunks::BlockMasses(geo, G, tile, ja, jb - ja, r, lb_pair, plan.lb_stride);
     };
     splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
                                   same_row, smem, sink, block_masses, ps.ml + ps.Index(pair, slot),

@@ -150,16 +150,9 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
   {
     const int B = L.blocks_per_chunk;
     const int chunks = (nb + B - 1) / B;
-    auto blocks_of = [=](int c, int64_t* ja, int64_t* jb) {
-      *ja = static_cast<int64_t>(c) * B;
-      *jb = MinI64(*ja + B, nb);
-    };
     auto chunk_of = [=](int c) {
-      int64_t ja, jb;
-      blocks_of(c, &ja, &jb);
-      const int64_t end = MinI64(FirstOwnedToken(geo, jb), nc);
-      const int64_t attend = MinI64(FirstOwnedToken(geo, ja), end);
-      return ChunkRange{MinI64(FirstOverlappingToken(geo, ja), attend), attend, end};
+      int ja, jb;
+      return nsa_chunks::CompressedChunk(geo, B, c, nb, static_cast<int>(nc), &ja, &jb);
     };
     splitkv::ScoreSink sink;
     if (scoring && L.identity) {
@@ -173,9 +166,8 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
       sink.tile = tile;
     }
     auto block_masses = [&](int c, const ChunkRange& r) {
-      int64_t ja, jb;
-      blocks_of(c, &ja, &jb);
-      BlockMasses(geo, G, tile, static_cast<int>(ja), static_cast<int>(jb - ja), r, lb, L.lb_stride);
+      const int ja = c * B;
+      BlockMasses(geo, G, tile, ja, min(ja + B, nb) - ja, r, lb, L.lb_stride);
     };
     // Without scores the chunking only needs to cover the nc tokens: one chunk per kRows.
     const int count = scoring ? chunks : static_cast<int>((nc + kRows - 1) / kRows);

@@ -47,7 +47,8 @@ struct Tile {
   // Cross-warp merge scratch ([kWarps][16][kOStride] f32 + [kWarps][16] float2) reuses the pipeline
   // buffers; rows padded by 4 floats so the fragment stores spread over the banks.
   static constexpr int kOStride = DV + 4;
-  static constexpr size_t kMergeBytes = static_cast<size_t>(kWarps) * 16 * kOStride * 4 + kWarps * 16 * 8;
+  // ([kWarps][16] f32 merge weights follow.)
+  static constexpr size_t kMergeBytes = static_cast<size_t>(kWarps) * 16 * kOStride * 4 + kWarps * 16 * 12;
   static_assert(kMergeBytes <= kPipeBytes, "merge scratch must fit in the pipeline buffers");
   // Bytes before the caller's auxiliary region (score tile, selected block list).
   static constexpr size_t kAuxOffset = kPipeBytes + kRowPtrBytes;
@@ -146,15 +147,35 @@ __device__ void CopyChunk(char* smem, int stage, const RowSource& src, const Chu
   const bf16** rv = rk + kRows;
   const int rows = static_cast<int>(r.end - r.score_begin);
   const int fill = (rows + 15) & ~15;
-  for (int i = threadIdx.x; i < fill * T::kKSegs; i += kThreads) {
-    const int row = i / T::kKSegs, seg = i - row * T::kKSegs;
-    const bool valid = row < rows;
-    CpAsync16(ks + row * T::kKStride + seg * 8, valid ? rk[row] + seg * 8 : src.k, valid);
-  }
-  for (int i = threadIdx.x; i < fill * T::kVSegs; i += kThreads) {
-    const int row = i / T::kVSegs, seg = i - row * T::kVSegs;
-    const bool valid = row < rows;
-    CpAsync16(vs + row * T::kVStride + seg * 8, valid ? rv[row] + seg * 8 : src.v, valid);
+  if constexpr (DK % 64 == 0 && DV % 64 == 0) {
+    // Rows of whole 128-byte lines: thread t copies segment t % 8 of every line of rows t / 8 + 16 i,
+    // so one row pointer serves DK / 64 + DV / 64 copies at fixed offsets (a warp moves four rows'
+    // lines per instruction), instead of an index division and a pointer load per 16 bytes.
+    constexpr int kRowSteps = kThreads / 8;
+    const int seg = (threadIdx.x % 8) * 8;
+#pragma unroll
+    for (int i = 0; i < kRows / kRowSteps; ++i) {
+      const int row = static_cast<int>(threadIdx.x) / 8 + i * kRowSteps;
+      if (row >= fill) break;
+      const bool valid = row < rows;
+      const bf16* kp = valid ? rk[row] + seg : src.k;
+      const bf16* vp = valid ? rv[row] + seg : src.v;
+#pragma unroll
+      for (int l = 0; l < DK / 64; ++l) CpAsync16(ks + row * T::kKStride + l * 64 + seg, kp + l * 64, valid);
+#pragma unroll
+      for (int l = 0; l < DV / 64; ++l) CpAsync16(vs + row * T::kVStride + l * 64 + seg, vp + l * 64, valid);
+    }
+  } else {
+    for (int i = threadIdx.x; i < fill * T::kKSegs; i += kThreads) {
+      const int row = i / T::kKSegs, seg = i - row * T::kKSegs;
+      const bool valid = row < rows;
+      CpAsync16(ks + row * T::kKStride + seg * 8, valid ? rk[row] + seg * 8 : src.k, valid);
+    }
+    for (int i = threadIdx.x; i < fill * T::kVSegs; i += kThreads) {
+      const int row = i / T::kVSegs, seg = i - row * T::kVSegs;
+      const bool valid = row < rows;
+      CpAsync16(vs + row * T::kVStride + seg * 8, valid ? rv[row] + seg * 8 : src.v, valid);
+    }
   }
   CpAsyncCommit();
 }
@@ -229,23 +250,26 @@ __device__ void ComputeChunk(const char* smem, int stage, const uint32_t (&qf)[D
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
       const float m_new = fmaxf(st.m[i], mx[i]);
       base[i] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing attended yet stays empty
-      corr[i] = exp2f(st.m[i] - base[i]);
+      corr[i] = Exp2Ftz(st.m[i] - base[i]);
       st.m[i] = m_new;
     }
     float p[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) p[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
+      for (int e = 0; e < 4; ++e) p[nt][e] = Exp2Ftz(s[nt][e] - base[e >> 1]);
     }
     st.l[0] = st.l[0] * corr[0] + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
     st.l[1] = st.l[1] * corr[1] + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
+    // Once the row maxima settle most sub-tiles move none of them: skip the DV / 2 multiplies.
+    if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
-    for (int n = 0; n < DV / 8; ++n) {
-      st.o[n][0] *= corr[0];
-      st.o[n][1] *= corr[0];
-      st.o[n][2] *= corr[1];
-      st.o[n][3] *= corr[1];
+      for (int n = 0; n < DV / 8; ++n) {
+        st.o[n][0] *= corr[0];
+        st.o[n][1] *= corr[0];
+        st.o[n][2] *= corr[1];
+        st.o[n][3] *= corr[1];
+      }
     }
     // P as the A operand: the S fragments of token tiles 0 and 1 are exactly the k = 0..7 and
     // k = 8..15 halves of a 16x16 A fragment.
@@ -428,8 +452,9 @@ __device__ void AttendChunks(const bf16* q_group, int G, float scale_log2, const
     st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
   }
   constexpr int kOStride = Tile<DK, DV>::kOStride;
-  float* sm_o = reinterpret_cast<float*>(smem);                          // [kWarps][16][kOStride]
+  float* sm_o = reinterpret_cast<float*>(smem);                              // [kWarps][16][kOStride]
   float2* sm_ml = reinterpret_cast<float2*>(sm_o + kWarps * 16 * kOStride);  // [kWarps][16]
+  float* sm_w = reinterpret_cast<float*>(sm_ml + kWarps * 16);               // [kWarps][16]
 #pragma unroll
   for (int n = 0; n < DV / 8; ++n) {
 #pragma unroll
@@ -443,22 +468,36 @@ __device__ void AttendChunks(const bf16* q_group, int G, float scale_log2, const
     sm_ml[warp * 16 + lane / 4 + 8] = make_float2(st.m[1], st.l[1]);
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * DV; i += kThreads) {
-    const int h = i / DV, c = i - h * DV, tile = h / 16, row = h % 16;
+  // Each head's merged (m, l) and the weight of every warp's share in it, once per head; then the
+  // outputs as weighted float4 sums (a head with no rows gets zeros and l = 0).
+  if (static_cast<int>(threadIdx.x) < G) {
+    const int h = threadIdx.x, tile = h / 16, row = h % 16;
     float m = -INFINITY;
     for (int g = 0; g < groups; ++g) m = fmaxf(m, sm_ml[(tile + g * m_tiles) * 16 + row].x);
-    float l = 0.0f, a = 0.0f;
-    if (m != -INFINITY) {
-      for (int g = 0; g < groups; ++g) {
-        const int w = tile + g * m_tiles;
-        const float2 ml = sm_ml[w * 16 + row];
-        const float f = exp2f(ml.x - m);
-        l += ml.y * f;
-        a += sm_o[(w * 16 + row) * kOStride + c] * f;
-      }
-      acc_out[i] = a;
+    float l = 0.0f;
+    for (int g = 0; g < groups; ++g) {
+      const int w = (tile + g * m_tiles) * 16 + row;
+      const float f = m == -INFINITY ? 0.0f : Exp2Ftz(sm_ml[w].x - m);
+      l += sm_ml[w].y * f;
+      sm_w[w] = f;
     }
-    if (c == 0) ml_out[h] = make_float2(m, l);
+    ml_out[h] = make_float2(m, l);
+  }
+  __syncthreads();
+  constexpr int kVec = DV / 4;
+  for (int i = threadIdx.x; i < G * kVec; i += kThreads) {
+    const int h = i / kVec, c = (i - h * kVec) * 4, tile = h / 16, row = h % 16;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int g = 0; g < groups; ++g) {
+      const int w = (tile + g * m_tiles) * 16 + row;
+      const float f = sm_w[w];
+      const float4 o = *reinterpret_cast<const float4*>(sm_o + w * kOStride + c);
+      a.x += f * o.x;
+      a.y += f * o.y;
+      a.z += f * o.z;
+      a.w += f * o.w;
+    }
+    *reinterpret_cast<float4*>(acc_out + h * DV + c) = a;
   }
 }
 
