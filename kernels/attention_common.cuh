@@ -121,18 +121,26 @@ struct RowSource {
 
   // Row indices are token positions (int32), so the page arithmetic runs in 32 bits: a 64-bit
   // division is a ~70-instruction subroutine, and the split-KV kernels address every row of a chunk.
-  __device__ int64_t PageOffset(int64_t i, int64_t page_stride, int dim) const {
-    const uint32_t row = static_cast<uint32_t>(i), rows = static_cast<uint32_t>(page_rows);
-    uint32_t logical = row / rows;
-    const uint32_t in_page = row - logical * rows;
+  // Page(i) is the dependent load of a row's address (its page-table entry; unused for tail rows),
+  // split out so that a kernel can issue it well before it needs K(i, page) / V(i, page).
+  __device__ int32_t Page(int64_t i) const {
+    if (i >= tail_start) return 0;
+    uint32_t logical = static_cast<uint32_t>(i) / static_cast<uint32_t>(page_rows);
     if (ring_pages > 0) logical %= static_cast<uint32_t>(ring_pages);
-    return static_cast<int64_t>(table[logical]) * page_stride + static_cast<int64_t>(in_page) * dim;
+    return table[logical];
   }
-  __device__ const bf16* K(int64_t i) const {
-    return i >= tail_start ? k_tail + (i - tail_start) * k_tail_stride : k + PageOffset(i, k_page_stride, dk);
+  __device__ const bf16* K(int64_t i, int32_t page) const {
+    return i >= tail_start ? k_tail + (i - tail_start) * k_tail_stride
+                           : k + static_cast<int64_t>(page) * k_page_stride + InPage(i) * dk;
   }
-  __device__ const bf16* V(int64_t i) const {
-    return i >= tail_start ? v_tail + (i - tail_start) * v_tail_stride : v + PageOffset(i, v_page_stride, dv);
+  __device__ const bf16* V(int64_t i, int32_t page) const {
+    return i >= tail_start ? v_tail + (i - tail_start) * v_tail_stride
+                           : v + static_cast<int64_t>(page) * v_page_stride + InPage(i) * dv;
+  }
+  __device__ const bf16* K(int64_t i) const { return K(i, Page(i)); }
+  __device__ const bf16* V(int64_t i) const { return V(i, Page(i)); }
+  __device__ int64_t InPage(int64_t i) const {
+    return static_cast<int64_t>(static_cast<uint32_t>(i) % static_cast<uint32_t>(page_rows));
   }
 };
 

@@ -36,17 +36,40 @@ __host__ __device__ __forceinline__ I FirstOwnedToken(const NsaKernelGeometry& g
   return (j * g.sel_block + g.cmp_stride - 1) / g.cmp_stride;
 }
 
+// The same two functions without a division per call when l and l' are multiples of d (every
+// published geometry): block j owns tokens j P .. (j + 1) P - 1 (P = l' / d) and tokens from
+// j P - L + 1 (L = l / d) overlap it. P == 0 falls back to the divisions. Built once per thread
+// block; the split-KV kernels ask it for every chunk.
+struct TokenGrid {
+  int P = 0;
+  int L = 0;
+
+  __device__ static TokenGrid Of(const NsaKernelGeometry& g) {
+    TokenGrid t;
+    if (g.cmp_block % g.cmp_stride == 0 && g.sel_block % g.cmp_stride == 0) {
+      t.P = g.sel_block / g.cmp_stride;
+      t.L = g.cmp_block / g.cmp_stride;
+    }
+    return t;
+  }
+  __device__ int FirstOwned(const NsaKernelGeometry& g, int j) const {
+    return P > 0 ? j * P : FirstOwnedToken(g, j);
+  }
+  __device__ int FirstOverlapping(const NsaKernelGeometry& g, int j) const {
+    return P > 0 ? max(j * P - L + 1, 0) : FirstOverlappingToken(g, j);
+  }
+};
+
 // Chunk c of a compressed branch cut into runs of B selection blocks, for a query with nb selection
 // blocks and nc compressed tokens: blocks [*ja, *jb), the tokens they own (attended) and, before them,
 // the earlier tokens overlapping block *ja (scored only), so the chunk scores its blocks completely.
-// 32-bit arithmetic: it runs for every chunk.
-__device__ __forceinline__ ChunkRange CompressedChunk(const NsaKernelGeometry& g, int B, int c, int nb, int nc,
-                                                      int* ja, int* jb) {
+__device__ __forceinline__ ChunkRange CompressedChunk(const NsaKernelGeometry& g, const TokenGrid& grid, int B, int c,
+                                                      int nb, int nc, int* ja, int* jb) {
   *ja = c * B;
   *jb = min(*ja + B, nb);
-  const int end = min(FirstOwnedToken(g, *jb), nc);
-  const int attend = min(FirstOwnedToken(g, *ja), end);
-  return ChunkRange{min(FirstOverlappingToken(g, *ja), attend), attend, end};
+  const int end = min(grid.FirstOwned(g, *jb), nc);
+  const int attend = min(grid.FirstOwned(g, *ja), end);
+  return ChunkRange{min(grid.FirstOverlapping(g, *ja), attend), attend, end};
 }
 
 // The most selection blocks a compressed chunk can hold (its owned tokens plus the earlier tokens
@@ -67,16 +90,15 @@ inline int CmpBlocksPerChunk(const NsaKernelGeometry& g) {
 // i overlapping block j, for the blocks ja..ja+nblk-1 of one chunk whose scores (log2 domain, entry
 // i at tile column i - score_begin) are in `tile`. The chunk holds every token overlapping its
 // blocks. All splitkv::kThreads threads of the block take part.
-__device__ inline void BlockMasses(const NsaKernelGeometry& geo, int G, const float* tile, int ja, int nblk,
-                                   const ChunkRange& r, float* lb, int lb_stride) {
+__device__ inline void BlockMasses(const NsaKernelGeometry& geo, const TokenGrid& grid, int G, const float* tile,
+                                   int ja, int nblk, const ChunkRange& r, float* lb, int lb_stride) {
   const int cl = geo.cmp_block, cd = geo.cmp_stride, sl = geo.sel_block;
   const int sb = static_cast<int>(r.score_begin), end = static_cast<int>(r.end);
   const float inv_d = 1.0f / static_cast<float>(cd);
   for (int i = threadIdx.x; i < G * nblk; i += splitkv::kThreads) {
     const int h = i / nblk, j = ja + (i - h * nblk);
-    const int x = j * sl - cl;
-    const int lo = max(x < 0 ? 0 : x / cd + 1, sb);
-    const int hi = min(((j + 1) * sl + cd - 1) / cd, end);  // exclusive: first token owned by j + 1
+    const int lo = max(grid.FirstOverlapping(geo, j), sb);
+    const int hi = min(grid.FirstOwned(geo, j + 1), end);  // exclusive
     const float* srow = tile + h * splitkv::kScoreStride - sb;
     float mx = -INFINITY;
     for (int k = lo; k < hi; ++k) mx = fmaxf(mx, srow[k]);

@@ -42,7 +42,7 @@ using splitkv::kRows;
 
 constexpr int kPhaseCompressedWindow = 0;
 constexpr int kPhaseSelected = 1;
-constexpr int kSelectThreads = 256;
+constexpr int kSelectThreads = 512;  // a warp per head of G <= 16 in one round; 2 blocks per thread at 64k
 using splitkv::kMergeThreads;
 
 // How one launch is cut: chunks per split (cps) and splits per (sequence, KV head) of each branch,
@@ -137,9 +137,10 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
     const int chunks = static_cast<int>((nb + B - 1) / B);
     const int c0 = v0;
     const int count = max(0, min(min(v1, plan.cmp_chunks), chunks) - c0);
+    const nsa_chunks::TokenGrid grid = nsa_chunks::TokenGrid::Of(geo);
     auto chunk_of = [=](int c) {
       int ja, jb;
-      return nsa_chunks::CompressedChunk(geo, B, c0 + c, static_cast<int>(nb), static_cast<int>(nc), &ja, &jb);
+      return nsa_chunks::CompressedChunk(geo, grid, B, c0 + c, static_cast<int>(nb), static_cast<int>(nc), &ja, &jb);
     };
     const bool scoring = plan.score && nb > geo.num_selected && nc > 0;
     float* lb_pair = a.lb + static_cast<int64_t>(pair) * G * plan.lb_stride;
@@ -164,7 +165,7 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
     // overlapping token). Token and row indices fit in 32 bits (positions are int32).
     auto block_masses = [&](int c, const ChunkRange& r) {
       const int ja = (c0 + c) * B, jb = min(ja + B, static_cast<int>(nb));
-      nsa_chunks::BlockMasses(geo, G, tile, ja, jb - ja, r, lb_pair, plan.lb_stride);
+      nsa_chunks::BlockMasses(geo, grid, G, tile, ja, jb - ja, r, lb_pair, plan.lb_stride);
     };
     splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
                                   same_row, smem, sink, block_masses, ps.ml + ps.Index(pair, slot),
@@ -222,7 +223,7 @@ __device__ inline void RadixSelect(const uint32_t* keys, int lo, int hi, int k, 
   int need = k;
   for (int shift = 24; shift >= 0; shift -= 8) {
     const uint32_t high = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-    hist[threadIdx.x] = 0;  // kSelectThreads == 256 bins
+    for (int b = threadIdx.x; b < 256; b += kSelectThreads) hist[b] = 0;
     __syncthreads();
     for (int j = lo + threadIdx.x; j < hi; j += kSelectThreads) {
       const uint32_t key = keys[j];
@@ -332,25 +333,23 @@ __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplit
   }
   __syncthreads();
   // Keys: forced blocks above every score; scores are >= 0 floats, whose bits order like the values.
-  // Each thread scores 4 consecutive blocks from 16-byte loads of every head's lb row.
+  // Each thread scores 2 consecutive blocks from 8-byte loads of every head's lb row.
   const int64_t current = nb - 1;
   const float* lb = a.lb + static_cast<int64_t>(pair) * G * a.plan.lb_stride;
-  for (int j0 = 4 * threadIdx.x; j0 < nb; j0 += 4 * kSelectThreads) {
-    float4 score = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j0 = 2 * threadIdx.x; j0 < nb; j0 += 2 * kSelectThreads) {
+    float2 score = make_float2(0.f, 0.f);
     if (nc > 0) {
-#pragma unroll 8
+#pragma unroll 16
       for (int h = 0; h < G; ++h) {
-        const float4 v = *reinterpret_cast<const float4*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + j0);
+        const float2 v = *reinterpret_cast<const float2*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + j0);
         const float x = lse[h];
         score.x += exp2f(v.x - x);
         score.y += exp2f(v.y - x);
-        score.z += exp2f(v.z - x);
-        score.w += exp2f(v.w - x);
       }
     }
-    const float sc[4] = {score.x, score.y, score.z, score.w};
+    const float sc[2] = {score.x, score.y};
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < 2; ++u) {
       const int j = j0 + u;
       if (j >= nb) break;
       const bool forced = j < geo.forced_initial || j > current - geo.forced_local;

@@ -150,9 +150,10 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
   {
     const int B = L.blocks_per_chunk;
     const int chunks = (nb + B - 1) / B;
+    const TokenGrid grid = TokenGrid::Of(geo);
     auto chunk_of = [=](int c) {
       int ja, jb;
-      return nsa_chunks::CompressedChunk(geo, B, c, nb, static_cast<int>(nc), &ja, &jb);
+      return CompressedChunk(geo, grid, B, c, nb, static_cast<int>(nc), &ja, &jb);
     };
     splitkv::ScoreSink sink;
     if (scoring && L.identity) {
@@ -167,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
     }
     auto block_masses = [&](int c, const ChunkRange& r) {
       const int ja = c * B;
-      BlockMasses(geo, G, tile, ja, min(ja + B, nb) - ja, r, lb, L.lb_stride);
+      BlockMasses(geo, grid, G, tile, ja, min(ja + B, nb) - ja, r, lb, L.lb_stride);
     };
     // Without scores the chunking only needs to cover the nc tokens: one chunk per kRows.
     const int count = scoring ? chunks : static_cast<int>((nc + kRows - 1) / kRows);

@@ -119,23 +119,64 @@ __device__ __forceinline__ void LoadQueryFragmentRows(RowPtr row_ptr, int mt, in
   }
 }
 
-// The two halves of IssueChunk, for callers that hide the barrier between them behind other work:
-// StageRowPointers writes the K/V row addresses of chunk `r` to stage `stage`'s slot of the row
-// address table (one page-table lookup per row, threads 0..rows-1); after a __syncthreads, every
-// thread calls CopyChunk, which starts the copy. The slot must no longer be read by an earlier
-// CopyChunk of the same stage (a barrier in between).
+// Rows of whole 128-byte lines (head dims multiples of 64): CopyChunk has thread t copy segment t % 8
+// of every line of rows t / 8 + 16 i, so one row address serves DK / 64 + DV / 64 copies at fixed
+// offsets and a warp moves four rows' lines per instruction (no index division, no pointer load per
+// 16 bytes).
+template <int DK, int DV>
+constexpr bool kWholeLines = DK % 64 == 0 && DV % 64 == 0;
+
+// This thread's share of row `row` of stage `stage` (K at kp, V at vp; zeros when !valid).
+template <int DK, int DV>
+__device__ __forceinline__ void CopyRowLines(char* smem, int stage, int row, const bf16* kp, const bf16* vp,
+                                             bool valid) {
+  using T = Tile<DK, DV>;
+  bf16* ks = reinterpret_cast<bf16*>(smem + stage * T::kStageBytes) + row * T::kKStride;
+  bf16* vs = reinterpret_cast<bf16*>(smem + stage * T::kStageBytes) + kRows * T::kKStride + row * T::kVStride;
+  const int seg = (threadIdx.x % 8) * 8;
+#pragma unroll
+  for (int l = 0; l < DK / 64; ++l) CpAsync16(ks + l * 64 + seg, kp + l * 64 + seg, valid);
+#pragma unroll
+  for (int l = 0; l < DV / 64; ++l) CpAsync16(vs + l * 64 + seg, vp + l * 64 + seg, valid);
+}
+
+// Row threadIdx.x of a chunk and its page-table entry. LookUpRow issues the page-table load;
+// StoreRowPointers, called later, writes the row's K/V addresses to stage `stage`'s slot of the row
+// address table. In between, the load's latency can hide behind other work (the previous chunk's
+// tensor-core math), and the barrier that follows that work publishes the addresses to CopyChunk.
+// The slot must no longer be read by an earlier CopyChunk of the same stage (a barrier in between).
+struct RowLookup {
+  int64_t row = 0;
+  int32_t page = 0;
+  int rows = 0;  // rows of the chunk; threads >= rows look up nothing
+};
+
+template <class RowOf>
+__device__ __forceinline__ RowLookup LookUpRow(const RowSource& src, RowOf row_of, const ChunkRange& r) {
+  RowLookup l;
+  l.rows = static_cast<int>(r.end - r.score_begin);
+  if (static_cast<int>(threadIdx.x) < l.rows) {
+    l.row = row_of(r.score_begin + threadIdx.x);
+    l.page = src.Page(l.row);
+  }
+  return l;
+}
+
+template <int DK, int DV>
+__device__ __forceinline__ void StoreRowPointers(char* smem, int stage, const RowSource& src, const RowLookup& l) {
+  using T = Tile<DK, DV>;
+  const bf16** rk = reinterpret_cast<const bf16**>(smem + T::kPipeBytes) + stage * 2 * kRows;
+  if (static_cast<int>(threadIdx.x) < l.rows) {
+    rk[threadIdx.x] = src.K(l.row, l.page);
+    rk[kRows + threadIdx.x] = src.V(l.row, l.page);
+  }
+}
+
+// Both at once, for callers with nothing to overlap: then a __syncthreads, then CopyChunk.
 template <int DK, int DV, class RowOf>
 __device__ __forceinline__ void StageRowPointers(char* smem, int stage, const RowSource& src, RowOf row_of,
                                                  const ChunkRange& r) {
-  using T = Tile<DK, DV>;
-  const bf16** rk = reinterpret_cast<const bf16**>(smem + T::kPipeBytes) + stage * 2 * kRows;
-  const bf16** rv = rk + kRows;
-  const int rows = static_cast<int>(r.end - r.score_begin);
-  if (static_cast<int>(threadIdx.x) < rows) {
-    const int64_t row = row_of(r.score_begin + threadIdx.x);
-    rk[threadIdx.x] = src.K(row);
-    rv[threadIdx.x] = src.V(row);
-  }
+  StoreRowPointers<DK, DV>(smem, stage, src, LookUpRow(src, row_of, r));
 }
 
 template <int DK, int DV>
@@ -147,23 +188,13 @@ __device__ void CopyChunk(char* smem, int stage, const RowSource& src, const Chu
   const bf16** rv = rk + kRows;
   const int rows = static_cast<int>(r.end - r.score_begin);
   const int fill = (rows + 15) & ~15;
-  if constexpr (DK % 64 == 0 && DV % 64 == 0) {
-    // Rows of whole 128-byte lines: thread t copies segment t % 8 of every line of rows t / 8 + 16 i,
-    // so one row pointer serves DK / 64 + DV / 64 copies at fixed offsets (a warp moves four rows'
-    // lines per instruction), instead of an index division and a pointer load per 16 bytes.
-    constexpr int kRowSteps = kThreads / 8;
-    const int seg = (threadIdx.x % 8) * 8;
+  if constexpr (kWholeLines<DK, DV>) {
 #pragma unroll
-    for (int i = 0; i < kRows / kRowSteps; ++i) {
-      const int row = static_cast<int>(threadIdx.x) / 8 + i * kRowSteps;
+    for (int i = 0; i < kRows * 8 / kThreads; ++i) {
+      const int row = static_cast<int>(threadIdx.x) / 8 + i * (kThreads / 8);
       if (row >= fill) break;
       const bool valid = row < rows;
-      const bf16* kp = valid ? rk[row] + seg : src.k;
-      const bf16* vp = valid ? rv[row] + seg : src.v;
-#pragma unroll
-      for (int l = 0; l < DK / 64; ++l) CpAsync16(ks + row * T::kKStride + l * 64 + seg, kp + l * 64, valid);
-#pragma unroll
-      for (int l = 0; l < DV / 64; ++l) CpAsync16(vs + row * T::kVStride + l * 64 + seg, vp + l * 64, valid);
+      CopyRowLines<DK, DV>(smem, stage, row, valid ? rk[row] : src.k, valid ? rv[row] : src.v, valid);
     }
   } else {
     for (int i = threadIdx.x; i < fill * T::kKSegs; i += kThreads) {
@@ -433,12 +464,18 @@ __device__ void AttendChunks(const bf16* q_group, int G, float scale_log2, const
       CpAsyncWait<0>();
     }
     __syncthreads();
+    // Chunk c + 2's page-table lookups start now; their addresses are stored after the math, where
+    // the barrier that frees stage c % kStages also publishes them (two barriers per chunk).
+    const bool more = c + kStages < num_chunks;
+    const ChunkRange next = more ? chunk_of(c + kStages) : r;
+    const RowLookup lookup = more ? LookUpRow(src, row_of, next) : RowLookup{};
     const int rows = static_cast<int>(r.end - r.score_begin);
     ComputeChunk<DK, DV>(smem, c % kStages, qf, mt, group, groups, rows, static_cast<int>(r.attend_begin - r.score_begin),
                          scale_log2, score_tile, scores.rows == nullptr ? nullptr : scores.rows + r.score_begin,
                          scores.row_stride, G, st);
-    __syncthreads();  // stage c % kStages is free; the score tile is complete
-    if (c + kStages < num_chunks) IssueChunk<DK, DV>(smem, c % kStages, src, row_of, chunk_of(c + kStages));
+    if (more) StoreRowPointers<DK, DV>(smem, c % kStages, src, lookup);
+    __syncthreads();  // stage c % kStages is free; chunk c + 2's addresses and the score tile are complete
+    if (more) CopyChunk<DK, DV>(smem, c % kStages, src, next);
     if (score_tile != nullptr) {
       after_chunk(c, r);
       __syncthreads();  // the next chunk's scores overwrite the tile
