@@ -1,7 +1,8 @@
 // NSA prefill: the kernels and launcher declared in kernels/nsa_prefill.h. The tensor-core path
 // (kernels/nsa_prefill_tc.cuh) runs where it applies; otherwise one thread block per (query token,
 // KV head) runs detail::NsaGroupAttention; the window rows of the chunk come from the
-// contiguous chunk buffers when the window is a ring (see the header's contract).
+// chunk buffers (rows window_{k,v}_chunk_stride apart) when the window is a ring (see the header's
+// contract). The launcher resolves a 0 stride to contiguous rows before either kernel sees it.
 #include "kernels/nsa_prefill.h"
 
 #include "kernels/attention_common.cuh"
@@ -38,11 +39,11 @@ __global__ void __launch_bounds__(detail::kThreads) NsaPrefillKernel(const NsaPr
     qg.win = qg.sel;
   } else {
     qg.win = detail::PagedRows(p.window, seq, kv_head, DK, DV);
-    const int64_t first = static_cast<int64_t>(p.cu_tokens[seq]) * p.num_kv_heads + kv_head;
-    qg.win.k_tail = p.window_k_chunk + first * DK;
-    qg.win.v_tail = p.window_v_chunk + first * DV;
-    qg.win.k_tail_stride = static_cast<int64_t>(p.num_kv_heads) * DK;
-    qg.win.v_tail_stride = static_cast<int64_t>(p.num_kv_heads) * DV;
+    const int64_t first = p.cu_tokens[seq];
+    qg.win.k_tail = p.window_k_chunk + first * p.window_k_chunk_stride + static_cast<int64_t>(kv_head) * DK;
+    qg.win.v_tail = p.window_v_chunk + first * p.window_v_chunk_stride + static_cast<int64_t>(kv_head) * DV;
+    qg.win.k_tail_stride = p.window_k_chunk_stride;
+    qg.win.v_tail_stride = p.window_v_chunk_stride;
     qg.win.tail_start = start;
   }
   detail::NsaGroupAttention<DK, DV>(qg, p.geometry, max_blocks, smem, scratch);
@@ -62,6 +63,13 @@ bool ParamsValid(const NsaPrefillParams& p) {
       (!detail::CacheValid(p.window) || p.window_k_chunk == nullptr || p.window_v_chunk == nullptr)) {
     return false;
   }
+  // A chunk row stride is 0 (contiguous) or at least a row.
+  auto stride_ok = [&](int64_t stride, int head_dim) {
+    return stride == 0 || stride >= static_cast<int64_t>(p.num_kv_heads) * head_dim;
+  };
+  if (!stride_ok(p.window_k_chunk_stride, p.head_dim_qk) || !stride_ok(p.window_v_chunk_stride, p.head_dim_v)) {
+    return false;
+  }
   return true;
 }
 
@@ -73,9 +81,12 @@ bool NsaPrefillSupported(int head_dim_qk, int head_dim_v, int group_size) {
 
 size_t NsaPrefillWorkspaceBytes(int num_tokens, int num_kv_heads, int group_size, int max_context) { return 0; }
 
-cudaError_t LaunchNsaPrefill(const NsaPrefillParams& p, void* workspace, cudaStream_t stream) {
-  if (!ParamsValid(p)) return cudaErrorInvalidValue;
-  if (p.num_tokens == 0) return cudaSuccess;
+cudaError_t LaunchNsaPrefill(const NsaPrefillParams& params, void* workspace, cudaStream_t stream) {
+  if (!ParamsValid(params)) return cudaErrorInvalidValue;
+  if (params.num_tokens == 0) return cudaSuccess;
+  NsaPrefillParams p = params;
+  if (p.window_k_chunk_stride == 0) p.window_k_chunk_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim_qk;
+  if (p.window_v_chunk_stride == 0) p.window_v_chunk_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim_v;
   if (!p.simple && detail::nsa_prefill_tc::Supported(p.head_dim_qk, p.head_dim_v)) {
     const cudaError_t e = detail::nsa_prefill_tc::Launch(p, stream);
     if (e != cudaErrorNotSupported) return e;

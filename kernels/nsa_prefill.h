@@ -7,9 +7,9 @@
 // chunk completes into the compressed cache, so those two caches hold rows 0..t for every query.
 // The window ring is different: a chunk longer than the ring would overwrite rows its own earlier
 // queries still read, so the caller writes the chunk's window rows to the ring only AFTER this
-// kernel, and passes them here as contiguous chunk buffers: window rows >= start come from
-// window_k_chunk/window_v_chunk, rows < start from the ring. With shared_kv the window reads the
-// selection cache and the chunk buffers are unused.
+// kernel, and passes them here as chunk buffers (one row per token, of any row stride): window rows
+// >= start come from window_k_chunk/window_v_chunk, rows < start from the ring. With shared_kv the
+// window reads the selection cache and the chunk buffers are unused.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -55,10 +55,17 @@ struct NsaPrefillParams {
   PagedKvCache compressed;  // rows: compressed tokens (chunk's completed ones already written)
   PagedKvCache selection;   // rows: positions (chunk's rows already written)
   PagedKvCache window;      // ring (ring_pages > 0) holding rows < start only; ignored when shared_kv
-  // [num_tokens][num_kv_heads][head_dim_qk] / [..][head_dim_v] bf16: the chunk's window-branch K/V
-  // (post-RoPE), same token order as q. Required when !shared_kv.
+  // bf16 [num_tokens][window_k_chunk_stride] / [num_tokens][window_v_chunk_stride], the first
+  // num_kv_heads * head_dim_qk / head_dim_v columns of each row: the chunk's window-branch K/V
+  // (post-RoPE, [num_kv_heads][head_dim] per token), same token order as q. Required when !shared_kv.
   const __nv_bfloat16* window_k_chunk = nullptr;
   const __nv_bfloat16* window_v_chunk = nullptr;
+  // Elements between consecutive tokens' rows; 0: contiguous rows (num_kv_heads * head_dim_qk,
+  // num_kv_heads * head_dim_v). Wider when the rows are column ranges of a wider buffer, as in the
+  // CUDA executor's fused projection output. The tensor-core path copies rows in 16-byte pieces: a
+  // chunk whose pointers or strides are not 16-byte aligned runs the simple kernel instead.
+  int64_t window_k_chunk_stride = 0;
+  int64_t window_v_chunk_stride = 0;
   bool shared_kv = true;  // the window branch reads the selection cache
   // Forces the simple kernel (one 256-thread block per (query token, KV head), scalar dot products)
   // where the tensor-core path would run; for tests and benchmarks.

@@ -234,11 +234,11 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
       win = PagedRows(p.selection, seq, kv_head, DK, DV);
     } else {
       win = PagedRows(p.window, seq, kv_head, DK, DV);
-      const int64_t first = static_cast<int64_t>(p.cu_tokens[seq]) * p.num_kv_heads + kv_head;
-      win.k_tail = p.window_k_chunk + first * DK;
-      win.v_tail = p.window_v_chunk + first * DV;
-      win.k_tail_stride = static_cast<int64_t>(p.num_kv_heads) * DK;
-      win.v_tail_stride = static_cast<int64_t>(p.num_kv_heads) * DV;
+      const int64_t first = p.cu_tokens[seq];
+      win.k_tail = p.window_k_chunk + first * p.window_k_chunk_stride + static_cast<int64_t>(kv_head) * DK;
+      win.v_tail = p.window_v_chunk + first * p.window_v_chunk_stride + static_cast<int64_t>(kv_head) * DV;
+      win.k_tail_stride = p.window_k_chunk_stride;
+      win.v_tail_stride = p.window_v_chunk_stride;
       win.tail_start = start;
     }
     const int64_t begin = MaxI64(0, t - geo.window + 1);
@@ -267,9 +267,20 @@ cudaError_t DispatchHeadDims(int dk, int dv, F&& f) {
   }
 }
 
+// Whether the window chunk rows can be copied in 16-byte pieces (cp.async): 16-byte aligned pointers
+// and row strides (the head offsets, multiples of the head dims, are).
+inline bool ChunkRowsAligned(const NsaPrefillParams& p) {
+  if (p.shared_kv || p.geometry.window == 0) return true;
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return aligned(p.window_k_chunk) && aligned(p.window_v_chunk) && p.window_k_chunk_stride % 8 == 0 &&
+         p.window_v_chunk_stride % 8 == 0;
+}
+
 // Launches the tensor-core path; cudaErrorNotSupported (nothing launched) when it does not apply
-// (head dims, geometry that cannot be chunked, or shared memory): the caller runs the simple kernel.
+// (head dims, geometry that cannot be chunked, shared memory, or window chunk rows not 16-byte
+// aligned): the caller runs the simple kernel. The chunk strides must be resolved (nonzero).
 inline cudaError_t Launch(const NsaPrefillParams& p, cudaStream_t stream) {
+  if (!ChunkRowsAligned(p)) return cudaErrorNotSupported;
   return DispatchHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) -> cudaError_t {
     constexpr int kDk = decltype(dims)::qk, kDv = decltype(dims)::v;
     const Layout L = MakeLayout<kDk, kDv>(p);

@@ -22,12 +22,11 @@ constexpr int64_t kMarginBytes = int64_t{512} << 20;
 // The CudaExecutor's activation buffers for these limits (its Init allocates exactly these, plus the
 // step plan and compression workspace, which are small and covered by the margin).
 int64_t ActivationBytes(const ModelConfig& m, int max_tokens, int max_seqs) {
-  const int64_t T = max_tokens, D = m.hidden_size, H = m.num_heads, Hkv = m.num_kv_heads;
+  const int64_t T = max_tokens, D = m.hidden_size, H = m.num_heads;
   const int64_t dk = m.head_dim_qk, dv = m.head_dim_v, I = m.intermediate_size;
-  int64_t elems = T * (2 * D + H * dk + H * dv + 2 * I);
-  if (m.IsNsa()) elems += T * 3 * H * 3;  // bf16 logits + fp32 gates
-  const int branches = m.IsNsa() && !m.nsa.shared_kv ? 3 : 1;
-  elems += branches * T * Hkv * (dk + dv);
+  // x, xn, q, attention output, gate|up, and the fused projection's gate logits and branch K/V.
+  int64_t elems = T * (2 * D + H * dk + H * dv + 2 * I + FusedProjection::For(m).width);
+  if (m.IsNsa()) elems += T * 3 * H * 2;  // fp32 gates
   return elems * 2 + int64_t{max_seqs} * m.vocab_size * 4 + static_cast<int64_t>(kernels::GemmWorkspaceBytes());
 }
 

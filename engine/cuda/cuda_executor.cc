@@ -2,8 +2,9 @@
 // embedding, the layer loop in CpuExecutor's op order, the logits. All work goes to one stream; Run
 // returns after a single synchronisation at the end (the logits copy).
 //
-// Per layer: RMSNorm; q (+bias), gate and K/V GEMMs; RoPE on q and the post-RoPE keys (not the MLP
-// compression's pre-RoPE cmp keys); selection-cache append; window-ring rows of single-token decodes
+// Per layer: RMSNorm; the q (+bias) GEMM and one fused GEMM for the gate logits and every used branch's
+// K/V (device_weights.h's FusedProjection); RoPE on q and the post-RoPE keys (not the MLP compression's
+// pre-RoPE cmp keys); selection-cache append; window-ring rows of single-token decodes
 // (the decode kernel reads row t from the ring; the slot it overwrites, t - R*P, is outside every
 // window); compressed tokens the step completes; attention (nsa_decode for one-token sequences,
 // nsa_prefill for longer chunks, dense_attention for llama); then the ring appends of the prefill
@@ -57,10 +58,6 @@ kernels::NsaKernelGeometry KernelGeometry(const NsaParams& n) {
   g.topk_merge_chunk = n.topk_merge_chunk;
   return g;
 }
-
-// Row stride of the gate logits: 3H rounded up to 8 elements, so every GEMM output row starts
-// 16-byte aligned (3H is 12 for the tiny presets).
-int64_t GateLogitsStride(const ModelConfig& m) { return (3 * int64_t{m.num_heads} + 7) / 8 * 8; }
 
 // Items the plan buffer is first sized for (a chunk of len tokens completes <= (len-1)/d + 1).
 int MaxItemsBound(const CudaExecutorConfig& c, const ModelConfig& m) {
@@ -120,6 +117,7 @@ absl::Status CudaExecutor::Init(const ModelWeights& weights, const KvCacheConfig
     return absl::InternalError(absl::StrCat("cublasLtCreate: cublasStatus_t ", static_cast<int>(s)));
   }
   NEEDLE_ASSIGN_OR_RETURN(weights_, DeviceWeights::Upload(weights));
+  fused_ = weights_->fused_projection();
 
   // KV pools, one extra (poison) page each, filled with bf16 NaN (0xFFFF): a read of a row nobody
   // wrote, or through an unused page-table entry, poisons the result instead of passing silently.
@@ -141,21 +139,17 @@ absl::Status CudaExecutor::Init(const ModelWeights& weights, const KvCacheConfig
 
   // Activations for max_tokens_per_step rows.
   const size_t T = static_cast<size_t>(config_.max_tokens_per_step);
-  const size_t D = m.hidden_size, H = m.num_heads, Hkv = m.num_kv_heads, dk = m.head_dim_qk, dv = m.head_dim_v;
+  const size_t D = m.hidden_size, H = m.num_heads, dk = m.head_dim_qk, dv = m.head_dim_v;
   const size_t b = sizeof(bf16);
   NEEDLE_RETURN_IF_ERROR(x_.Allocate(T * D * b, "the residual stream"));
   NEEDLE_RETURN_IF_ERROR(xn_.Allocate(T * D * b, "the normalised activations"));
   NEEDLE_RETURN_IF_ERROR(q_.Allocate(T * H * dk * b, "the queries"));
-  if (nsa_) {
-    NEEDLE_RETURN_IF_ERROR(gate_logits_.Allocate(T * GateLogitsStride(m) * b, "the gate logits"));
-    NEEDLE_RETURN_IF_ERROR(gates_.Allocate(T * 3 * H * sizeof(float), "the gates"));
+  // The weights' fused projection must hold every part the layer loop reads.
+  if ((win_pool_ && fused_.k[kWin] < 0) || (mlp_cmp_ && fused_.k[kCmp] < 0) || (nsa_ && fused_.gate < 0)) {
+    return absl::InternalError("CUDA executor: the fused projection lacks a branch the step reads");
   }
-  for (int br = 0; br < 3; ++br) {
-    const bool used = br == kSlc || (br == kWin && win_pool_) || (br == kCmp && mlp_cmp_);
-    if (!used) continue;
-    NEEDLE_RETURN_IF_ERROR(k_[br].Allocate(T * Hkv * dk * b, "the step's keys"));
-    NEEDLE_RETURN_IF_ERROR(v_[br].Allocate(T * Hkv * dv * b, "the step's values"));
-  }
+  NEEDLE_RETURN_IF_ERROR(proj_.Allocate(T * static_cast<size_t>(fused_.width) * b, "the gate logits and K/V"));
+  if (nsa_) NEEDLE_RETURN_IF_ERROR(gates_.Allocate(T * 3 * H * sizeof(float), "the gates"));
   NEEDLE_RETURN_IF_ERROR(attn_.Allocate(T * H * dv * b, "the attention output"));
   NEEDLE_RETURN_IF_ERROR(mlp_.Allocate(T * 2 * static_cast<size_t>(m.intermediate_size) * b, "the MLP activations"));
   NEEDLE_RETURN_IF_ERROR(logits_.Allocate(static_cast<size_t>(config_.max_logit_rows) * m.vocab_size * sizeof(float),
@@ -222,11 +216,10 @@ void CudaExecutor::DropGraphs() {
 int64_t CudaExecutor::device_bytes() const {
   int64_t n = weights_ ? static_cast<int64_t>(weights_->bytes()) : 0;
   for (const DevicePool& p : pools_) n += static_cast<int64_t>(p.k.bytes() + p.v.bytes());
-  for (const DeviceBuffer* b : {&x_, &xn_, &q_, &gate_logits_, &gates_, &attn_, &mlp_, &logits_, &gemm_workspace_,
+  for (const DeviceBuffer* b : {&x_, &xn_, &q_, &proj_, &gates_, &attn_, &mlp_, &logits_, &gemm_workspace_,
                                 &compress_workspace_, &attention_workspace_, &plan_dev_}) {
     n += static_cast<int64_t>(b->bytes());
   }
-  for (int br = 0; br < 3; ++br) n += static_cast<int64_t>(k_[br].bytes() + v_[br].bytes());
   return n;
 }
 
@@ -525,7 +518,7 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
   const int T = sp.num_tokens, nd = sp.num_decodes, ns = sp.num_seqs;
   const int64_t D = m.hidden_size, H = m.num_heads, Hkv = m.num_kv_heads, dk = m.head_dim_qk, dv = m.head_dim_v;
   const int64_t I = m.intermediate_size;
-  const int64_t kw = Hkv * dk, vw = Hkv * dv;  // widths of one token's K and V rows
+  const int64_t kw = Hkv * dk;  // width of one token's K row
   bf16* x = x_.as<bf16>();
   bf16* xn = xn_.as<bf16>();
   bf16* q = q_.as<bf16>();
@@ -545,34 +538,34 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
   norm.y_stride = D;
   NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(norm, stream_));
 
-  // Projections.
+  // Projections: q on its own (the attention kernels read it as contiguous [H][d_k] rows), then one GEMM
+  // for the gate logits and every used branch's K/V. Each of those is a column range of proj_'s rows,
+  // so everything below reads it with row stride pw.
   NEEDLE_RETURN_IF_ERROR(Gemm(T, D, H * dk, xn, D, W.q_proj, W.q_bias, q, H * dk, kernels::GemmOutput::kBf16, false));
+  const int64_t pw = fused_.width;
+  bf16* proj = proj_.as<bf16>();
+  NEEDLE_RETURN_IF_ERROR(
+      Gemm(T, D, pw, xn, D, W.fused_proj, W.fused_bias, proj, pw, kernels::GemmOutput::kBf16, false));
+  auto part = [&](int64_t col) { return col >= 0 ? proj + col : nullptr; };
+  bf16* k_slc = part(fused_.k[kSlc]);
+  bf16* v_slc = part(fused_.v[kSlc]);
+  bf16* k_win = part(fused_.k[kWin]);
+  bf16* v_win = part(fused_.v[kWin]);
+  const bf16* k_cmp = part(fused_.k[kCmp]);
+  const bf16* v_cmp = part(fused_.v[kCmp]);
   if (nsa_) {
-    const int64_t gs = GateLogitsStride(m);
-    NEEDLE_RETURN_IF_ERROR(Gemm(T, D, 3 * H, xn, D, W.g_proj, nullptr, gate_logits_.get(), gs,
-                                kernels::GemmOutput::kBf16, false));
     kernels::GateSigmoidParams g;
     g.num_tokens = T;
     g.num_heads = static_cast<int>(H);
-    g.logits = gate_logits_.as<const bf16>();
-    g.logits_stride = gs;
+    g.logits = part(fused_.gate);
+    g.logits_stride = pw;
     g.gates = gates;
     NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchGateSigmoid(g, stream_));
   }
-  for (int b = 0; b < 3; ++b) {
-    if (k_[b].get() == nullptr) continue;
-    NEEDLE_RETURN_IF_ERROR(Gemm(T, D, kw, xn, D, W.k_proj[b], b == kSlc ? W.k_bias : nullptr, k_[b].get(), kw,
-                                kernels::GemmOutput::kBf16, false));
-    NEEDLE_RETURN_IF_ERROR(Gemm(T, D, vw, xn, D, W.v_proj[b], b == kSlc ? W.v_bias : nullptr, v_[b].get(), vw,
-                                kernels::GemmOutput::kBf16, false));
-  }
-  bf16* k_slc = k_[kSlc].as<bf16>();
-  bf16* v_slc = v_[kSlc].as<bf16>();
-  bf16* k_win = k_[kWin].as<bf16>();
-  bf16* v_win = v_[kWin].as<bf16>();
 
-  // RoPE: q and the selection keys in one launch, the window keys (independent K/V) in another. The
-  // MLP compression's cmp keys stay pre-RoPE.
+  // RoPE: q and the selection keys in one launch, with the window keys (independent K/V) as further
+  // heads when the fused layout puts them right after the selection keys, else in a second launch.
+  // The MLP compression's cmp keys stay pre-RoPE.
   kernels::RopeParams rope;
   rope.num_tokens = T;
   rope.head_dim = static_cast<int>(dk);
@@ -581,11 +574,13 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
   rope.q_stride = H * dk;
   rope.num_q_heads = static_cast<int>(H);
   rope.k = k_slc;
-  rope.k_stride = kw;
+  rope.k_stride = pw;
   rope.num_k_heads = static_cast<int>(Hkv);
   rope.positions = Plan<const int32_t>(sp.positions);
+  const bool win_adjacent = win_pool_ && k_win == k_slc + kw;
+  if (win_adjacent) rope.num_k_heads = static_cast<int>(2 * Hkv);
   NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchRope(rope, stream_));
-  if (win_pool_) {
+  if (win_pool_ && !win_adjacent) {
     rope.q = nullptr;
     rope.num_q_heads = 0;
     rope.k = k_win;
@@ -596,9 +591,9 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
   kernels::KvAppendParams app;
   app.num_tokens = T;
   app.k = k_slc;
-  app.k_stride = kw;
+  app.k_stride = pw;
   app.v = v_slc;
-  app.v_stride = vw;
+  app.v_stride = pw;
   app.slots = Plan<const int64_t>(sp.sel_slots);
   app.k_pool = KPool(Pool::kSelection, layer);
   app.v_pool = VPool(Pool::kSelection, layer);
@@ -607,8 +602,8 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
   // Window-ring rows of single-token decodes, which the decode kernel reads from the ring.
   kernels::KvAppendParams win_app;
   if (win_pool_) {
-    win_app.k_stride = kw;
-    win_app.v_stride = vw;
+    win_app.k_stride = pw;
+    win_app.v_stride = pw;
     win_app.k_pool = KPool(Pool::kWindow, layer);
     win_app.v_pool = VPool(Pool::kWindow, layer);
     if (nd > 0) {
@@ -629,10 +624,10 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
     src.page_table = Plan<const int32_t>(sp.tables[Index(src_pool)]);
     if (mlp_cmp_) {
       src.ring_pages = 1;
-      src.k_tail = k_[kCmp].as<const bf16>();
-      src.k_tail_stride = kw;
-      src.v_tail = v_[kCmp].as<const bf16>();
-      src.v_tail_stride = vw;
+      src.k_tail = k_cmp;
+      src.k_tail_stride = pw;
+      src.v_tail = v_cmp;
+      src.v_tail_stride = pw;
       kernels::CompressMlpParams c;
       c.num_items = sp.num_items;
       c.items = Plan<const kernels::CompressItem>(sp.items);
@@ -733,8 +728,10 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
       a.selection = Cache(Pool::kSelection, layer, sp, nd);
       if (win_pool_) {
         a.window = Cache(Pool::kWindow, layer, sp, nd);
-        a.window_k_chunk = k_win + static_cast<int64_t>(nd) * kw;
-        a.window_v_chunk = v_win + static_cast<int64_t>(nd) * vw;
+        a.window_k_chunk = k_win + static_cast<int64_t>(nd) * pw;
+        a.window_v_chunk = v_win + static_cast<int64_t>(nd) * pw;
+        a.window_k_chunk_stride = pw;
+        a.window_v_chunk_stride = pw;
       }
       a.shared_kv = !win_pool_;
       NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchNsaPrefill(a, attention_workspace_.get(), stream_));
@@ -744,18 +741,18 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
   // Ring writes after attention: the prefill chunks' window rows, every token's staging rows.
   if (win_pool_ && nd < T) {
     win_app.num_tokens = T - nd;
-    win_app.k = k_win + static_cast<int64_t>(nd) * kw;
-    win_app.v = v_win + static_cast<int64_t>(nd) * vw;
+    win_app.k = k_win + static_cast<int64_t>(nd) * pw;
+    win_app.v = v_win + static_cast<int64_t>(nd) * pw;
     win_app.slots = Plan<const int64_t>(sp.win_slots) + nd;
     NEEDLE_CUDA_RETURN_IF_ERROR(kernels::LaunchKvAppend(win_app, stream_));
   }
   if (mlp_cmp_) {
     kernels::KvAppendParams stg;
     stg.num_tokens = T;
-    stg.k = k_[kCmp].as<const bf16>();
-    stg.k_stride = kw;
-    stg.v = v_[kCmp].as<const bf16>();
-    stg.v_stride = vw;
+    stg.k = k_cmp;
+    stg.k_stride = pw;
+    stg.v = v_cmp;
+    stg.v_stride = pw;
     stg.slots = Plan<const int64_t>(sp.stg_slots);
     stg.k_pool = KPool(Pool::kStaging, layer);
     stg.v_pool = VPool(Pool::kStaging, layer);

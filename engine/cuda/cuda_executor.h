@@ -133,6 +133,7 @@ class CudaExecutor final : public Executor {
   CudaExecutorConfig config_;
   PlanGeometry geo_;
   bool nsa_ = false, mlp_cmp_ = false, win_pool_ = false;
+  FusedProjection fused_;  // columns of proj_'s parts (the weights' layout)
 
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t cublas_ = nullptr;
@@ -143,9 +144,12 @@ class CudaExecutor final : public Executor {
   DeviceBuffer x_;         // residual stream [hidden]
   DeviceBuffer xn_;        // normalised input of the current sub-block [hidden]
   DeviceBuffer q_;         // [H*d_k], post-RoPE
-  DeviceBuffer gate_logits_;  // [3H] (NSA)
+  // The fused input projection's output [fused_.width]: gate logits (NSA) and the used branches' K/V
+  // (selection only for shared K/V and llama; cmp, selection and window for nsa-paper), each a column
+  // range of every row, so every consumer reads it with row stride fused_.width. Keys post-RoPE,
+  // except the MLP compression's cmp keys.
+  DeviceBuffer proj_;
   DeviceBuffer gates_;     // fp32 [H][3] (NSA), sigmoided
-  DeviceBuffer k_[3], v_[3];  // branch K/V [H_kv*d_k] / [H_kv*d_v]; shared K/V uses index kSlc only
   DeviceBuffer attn_;      // attention output [H*d_v]
   DeviceBuffer mlp_;       // [2I]: gate | up, then silu(gate)*up in the gate half
   DeviceBuffer logits_;    // fp32 [max_logit_rows][vocab]

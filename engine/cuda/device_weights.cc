@@ -17,17 +17,53 @@ namespace {
 
 constexpr size_t kTensorAlign = 256;
 
-// One tensor to upload: `parts` host tensors stored back to back (gate_up has two), and where the
-// device pointer goes once the arena exists.
-struct PendingTensor {
+// Parts of the fused projection start at multiples of this many columns (16 bytes of bf16).
+constexpr int64_t kFusedAlign = 8;
+
+int64_t AlignUp(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
+
+// One run of elements of a device tensor: a host tensor, which must hold `numel` elements, or `numel`
+// zeros (padding) when `tensor` is null. `slot`, if set, receives the run's device address.
+struct Part {
   std::string name;
-  std::vector<const Tensor*> parts;
-  int64_t numel = 0;  // expected total elements
+  const Tensor* tensor = nullptr;
+  int64_t numel = 0;
   const bf16** slot = nullptr;
+};
+
+// One device tensor: its parts stored back to back (gate_up has two, the fused projection up to
+// seven plus padding), and where its device pointer goes once the arena exists.
+struct PendingTensor {
+  std::vector<Part> parts;
+  const bf16** slot = nullptr;
+  int64_t numel = 0;  // sum of the parts'
   size_t offset = 0;  // bytes into the arena
 };
 
 }  // namespace
+
+FusedProjection FusedProjection::For(const ModelConfig& m) {
+  const int64_t H = m.num_heads, kw = int64_t{m.num_kv_heads} * m.head_dim_qk,
+                vw = int64_t{m.num_kv_heads} * m.head_dim_v;
+  const bool nsa = m.IsNsa(), independent = nsa && !m.nsa.shared_kv;
+  const bool win = independent && m.nsa.window > 0;
+  const bool cmp = independent && m.nsa.compression == Compression::kMlpPreRope;
+  FusedProjection f;
+  auto place = [&](int64_t* col, int64_t n) {
+    *col = f.width;
+    f.width += AlignUp(n, kFusedAlign);
+  };
+  if (nsa) place(&f.gate, 3 * H);
+  place(&f.k[kSlc], kw);
+  if (win) place(&f.k[kWin], kw);
+  place(&f.v[kSlc], vw);
+  if (win) place(&f.v[kWin], vw);
+  if (cmp) {
+    place(&f.k[kCmp], kw);
+    place(&f.v[kCmp], vw);
+  }
+  return f;
+}
 
 absl::Status CheckModelSupported(const ModelConfig& m) {
   auto no = [&](const std::string& why) {
@@ -37,6 +73,10 @@ absl::Status CheckModelSupported(const ModelConfig& m) {
   if (m.num_kv_heads <= 0 || m.num_heads % m.num_kv_heads != 0) return no("num_heads must be a multiple of num_kv_heads");
   const int G = m.GroupSize();
   if (m.head_dim_qk % 2 != 0) return no(absl::StrCat("RoPE needs an even head_dim, got ", m.head_dim_qk));
+  if (m.IsNsa() && m.nsa.shared_kv && m.nsa.compression == Compression::kMlpPreRope) {
+    // The MLP compresses pre-RoPE cmp-branch K/V, which shared K/V (post-RoPE in place) does not keep.
+    return no("the MLP compression needs independent branch K/V (its own pre-RoPE cmp projections)");
+  }
   if (m.IsNsa()) {
     if (!kernels::NsaDecodeSupported(m.head_dim_qk, m.head_dim_v, G) ||
         !kernels::NsaPrefillSupported(m.head_dim_qk, m.head_dim_v, G)) {
@@ -76,14 +116,35 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Upload(const Model
   const bool nsa = c.IsNsa();
   const bool shared = !nsa || c.nsa.shared_kv;
   const bool mlp_cmp = nsa && c.nsa.compression == Compression::kMlpPreRope;
+  const FusedProjection& f = dw->fused_ = FusedProjection::For(c);
 
   std::vector<PendingTensor> uploads;
-  auto add = [&](std::string name, std::vector<const Tensor*> parts, int64_t numel, const bf16** slot) {
-    uploads.push_back(PendingTensor{std::move(name), std::move(parts), numel, slot, 0});
+  auto add = [&](std::string name, const Tensor* t, int64_t numel, const bf16** slot) {
+    uploads.push_back(PendingTensor{{Part{std::move(name), t, numel, nullptr}}, slot});
   };
-  add("embed", {&w.embed}, c.vocab_size * D, &dw->embed_);
-  add("final_norm", {&w.final_norm}, D, &dw->final_norm_);
-  if (!c.tie_word_embeddings) add("lm_head", {&w.lm_head}, c.vocab_size * D, &dw->lm_head_);
+  // A tensor of `f.width` columns of `per_col` elements each (hidden for the fused weight rows, 1 for
+  // the fused bias) from parts at their columns, zeros elsewhere.
+  struct Placed {
+    int64_t col;
+    Part part;  // numel: its columns times per_col
+  };
+  auto add_fused = [&](std::vector<Placed> placed, int64_t per_col, const bf16** slot) {
+    std::sort(placed.begin(), placed.end(), [](const Placed& a, const Placed& b) { return a.col < b.col; });
+    PendingTensor t{{}, slot};
+    for (Placed& pl : placed) {
+      const int64_t at = pl.col * per_col;
+      if (at > t.numel) t.parts.push_back(Part{"padding", nullptr, at - t.numel, nullptr});
+      t.numel = at + pl.part.numel;
+      t.parts.push_back(std::move(pl.part));
+    }
+    const int64_t end = f.width * per_col;
+    if (end > t.numel) t.parts.push_back(Part{"padding", nullptr, end - t.numel, nullptr});
+    uploads.push_back(std::move(t));
+  };
+
+  add("embed", &w.embed, c.vocab_size * D, &dw->embed_);
+  add("final_norm", &w.final_norm, D, &dw->final_norm_);
+  if (!c.tie_word_embeddings) add("lm_head", &w.lm_head, c.vocab_size * D, &dw->lm_head_);
   if (static_cast<int>(w.layers.size()) != c.num_layers) {
     return absl::InvalidArgumentError(
         absl::StrCat("weights have ", w.layers.size(), " layers, the config says ", c.num_layers));
@@ -92,45 +153,61 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Upload(const Model
     const LayerWeights& L = w.layers[i];
     DeviceLayer& d = dw->layers_[i];
     const std::string p = absl::StrCat("layer ", i, " ");
-    add(p + "attn_norm", {&L.attn_norm}, D, &d.attn_norm);
-    add(p + "q_proj", {&L.q_proj}, H * dk * D, &d.q_proj);
-    if (c.qkv_bias) add(p + "q_bias", {&L.q_bias}, H * dk, &d.q_bias);
-    if (nsa) add(p + "g_proj", {&L.g_proj}, 3 * H * D, &d.g_proj);
-    if (shared) {
-      add(p + "k_proj", {&L.k_proj}, Hkv * dk * D, &d.k_proj[kSlc]);
-      add(p + "v_proj", {&L.v_proj}, Hkv * dv * D, &d.v_proj[kSlc]);
-      if (c.qkv_bias) {
-        add(p + "k_bias", {&L.k_bias}, Hkv * dk, &d.k_bias);
-        add(p + "v_bias", {&L.v_bias}, Hkv * dv, &d.v_bias);
-      }
-    } else {
-      for (int b = 0; b < 3; ++b) {
-        add(absl::StrCat(p, "branch ", b, " k_proj"), {&L.branch_k_proj[b]}, Hkv * dk * D, &d.k_proj[b]);
-        add(absl::StrCat(p, "branch ", b, " v_proj"), {&L.branch_v_proj[b]}, Hkv * dv * D, &d.v_proj[b]);
+    add(p + "attn_norm", &L.attn_norm, D, &d.attn_norm);
+    add(p + "q_proj", &L.q_proj, H * dk * D, &d.q_proj);
+    if (c.qkv_bias) add(p + "q_bias", &L.q_bias, H * dk, &d.q_bias);
+
+    // The fused input projection: g_proj and the branch K/V projections the executor reads; a branch
+    // projection it never reads (independent K/V without a window ring or without the MLP
+    // compression) is uploaded on its own, as before the fusion.
+    std::vector<Placed> proj;
+    if (nsa) proj.push_back({f.gate, Part{p + "g_proj", &L.g_proj, 3 * H * D, &d.g_proj}});
+    for (int b = 0; b < 3; ++b) {
+      if (shared && b != kSlc) continue;
+      const Tensor* k = shared ? &L.k_proj : &L.branch_k_proj[b];
+      const Tensor* v = shared ? &L.v_proj : &L.branch_v_proj[b];
+      const std::string name = shared ? p : absl::StrCat(p, "branch ", b, " ");
+      if (f.k[b] >= 0) {
+        proj.push_back({f.k[b], Part{name + "k_proj", k, Hkv * dk * D, &d.k_proj[b]}});
+        proj.push_back({f.v[b], Part{name + "v_proj", v, Hkv * dv * D, &d.v_proj[b]}});
+      } else {
+        add(name + "k_proj", k, Hkv * dk * D, &d.k_proj[b]);
+        add(name + "v_proj", v, Hkv * dv * D, &d.v_proj[b]);
       }
     }
-    add(p + "o_proj", {&L.o_proj}, D * H * dv, &d.o_proj);
+    add_fused(std::move(proj), D, &d.fused_proj);
+    if (c.qkv_bias && shared) {  // independent branch projections carry no biases
+      add_fused({{f.k[kSlc], Part{p + "k_bias", &L.k_bias, Hkv * dk, &d.k_bias}},
+                 {f.v[kSlc], Part{p + "v_bias", &L.v_bias, Hkv * dv, &d.v_bias}}},
+                1, &d.fused_bias);
+    }
+
+    add(p + "o_proj", &L.o_proj, D * H * dv, &d.o_proj);
     if (mlp_cmp) {
       const int64_t l = c.nsa.cmp_block, hc = c.nsa.cmp_mlp_hidden;
-      add(p + "cmp_k_pos", {&L.cmp_k_pos}, l * dk, &d.cmp_k_pos);
-      add(p + "cmp_k_fc1", {&L.cmp_k_fc1}, hc * l * dk, &d.cmp_k_fc1);
-      add(p + "cmp_k_fc2", {&L.cmp_k_fc2}, dk * hc, &d.cmp_k_fc2);
-      add(p + "cmp_v_pos", {&L.cmp_v_pos}, l * dv, &d.cmp_v_pos);
-      add(p + "cmp_v_fc1", {&L.cmp_v_fc1}, hc * l * dv, &d.cmp_v_fc1);
-      add(p + "cmp_v_fc2", {&L.cmp_v_fc2}, dv * hc, &d.cmp_v_fc2);
+      add(p + "cmp_k_pos", &L.cmp_k_pos, l * dk, &d.cmp_k_pos);
+      add(p + "cmp_k_fc1", &L.cmp_k_fc1, hc * l * dk, &d.cmp_k_fc1);
+      add(p + "cmp_k_fc2", &L.cmp_k_fc2, dk * hc, &d.cmp_k_fc2);
+      add(p + "cmp_v_pos", &L.cmp_v_pos, l * dv, &d.cmp_v_pos);
+      add(p + "cmp_v_fc1", &L.cmp_v_fc1, hc * l * dv, &d.cmp_v_fc1);
+      add(p + "cmp_v_fc2", &L.cmp_v_fc2, dv * hc, &d.cmp_v_fc2);
     }
-    add(p + "mlp_norm", {&L.mlp_norm}, D, &d.mlp_norm);
-    add(p + "gate_proj+up_proj", {&L.gate_proj, &L.up_proj}, 2 * I * D, &d.gate_up);
-    add(p + "down_proj", {&L.down_proj}, D * I, &d.down_proj);
+    add(p + "mlp_norm", &L.mlp_norm, D, &d.mlp_norm);
+    uploads.push_back(PendingTensor{{Part{p + "gate_proj", &L.gate_proj, I * D, nullptr},
+                                     Part{p + "up_proj", &L.up_proj, I * D, nullptr}},
+                                    &d.gate_up});
+    add(p + "down_proj", &L.down_proj, D * I, &d.down_proj);
   }
 
   size_t total = 0, largest = 0;
   for (PendingTensor& u : uploads) {
-    int64_t have = 0;
-    for (const Tensor* t : u.parts) have += static_cast<int64_t>(t->data.size());
-    if (have != u.numel) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("weight ", u.name, " has ", have, " elements, the config needs ", u.numel));
+    u.numel = 0;
+    for (const Part& part : u.parts) {
+      if (part.tensor != nullptr && static_cast<int64_t>(part.tensor->data.size()) != part.numel) {
+        return absl::InvalidArgumentError(absl::StrCat("weight ", part.name, " has ", part.tensor->data.size(),
+                                                       " elements, the config needs ", part.numel));
+      }
+      u.numel += part.numel;
     }
     u.offset = total;
     total += (static_cast<size_t>(u.numel) * sizeof(bf16) + kTensorAlign - 1) / kTensorAlign * kTensorAlign;
@@ -141,12 +218,19 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Upload(const Model
   std::vector<uint16_t> host(largest);
   char* arena = dw->arena_.as<char>();
   for (const PendingTensor& u : uploads) {
+    const bf16* base = reinterpret_cast<const bf16*>(arena + u.offset);
     size_t n = 0;
-    for (const Tensor* t : u.parts) {
-      for (float f : t->data) host[n++] = FloatToBf16(f);
+    for (const Part& part : u.parts) {
+      if (part.slot != nullptr) *part.slot = base + n;
+      if (part.tensor == nullptr) {
+        std::fill_n(host.begin() + n, part.numel, uint16_t{0});  // bf16 +0
+        n += static_cast<size_t>(part.numel);
+      } else {
+        for (float x : part.tensor->data) host[n++] = FloatToBf16(x);
+      }
     }
     NEEDLE_CUDA_RETURN_IF_ERROR(cudaMemcpy(arena + u.offset, host.data(), n * sizeof(uint16_t), cudaMemcpyHostToDevice));
-    *u.slot = reinterpret_cast<const bf16*>(arena + u.offset);
+    *u.slot = base;
   }
   if (c.tie_word_embeddings) dw->lm_head_ = dw->embed_;
   return dw;

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/builder.h"
@@ -458,6 +459,51 @@ TEST(CudaExecutorErrors, UnsupportedModelsAreRefusedAtLoad) {
     auto c = PresetConfig(name);
     ASSERT_TRUE(c.ok());
     EXPECT_TRUE(CheckModelSupported(*c).ok()) << name << ": " << CheckModelSupported(*c);
+  }
+  // The MLP compression reads pre-RoPE cmp-branch K/V, which shared K/V does not have.
+  auto paper = PresetConfig("tiny-nsa-paper");
+  ASSERT_TRUE(paper.ok());
+  ModelConfig shared_mlp = *paper;
+  shared_mlp.nsa.shared_kv = true;
+  shared_mlp.head_dim_v = shared_mlp.head_dim_qk;
+  EXPECT_EQ(CheckModelSupported(shared_mlp).code(), absl::StatusCode::kUnimplemented);
+}
+
+// Host only: the fused input projection's layout (device_weights.h). Every part a model needs is
+// there, starts 16-byte aligned and overlaps no other; nsa-paper's window keys sit right after the
+// selection keys (one RoPE launch covers both).
+TEST(FusedProjection, LayoutOfEveryPreset) {
+  for (const char* name : {"tiny-nsa", "tiny-nsa-paper", "tiny-llama", "tiny-nsa-qkvbias", "tiny-llama-tied",
+                           "tiny-llama-nsa", "demo", "paper-nsa", "paper-dense", "fla-nsa"}) {
+    SCOPED_TRACE(name);
+    auto c = PresetConfig(name);
+    ASSERT_TRUE(c.ok());
+    const FusedProjection f = FusedProjection::For(*c);
+    const int64_t kw = int64_t{c->num_kv_heads} * c->head_dim_qk, vw = int64_t{c->num_kv_heads} * c->head_dim_v;
+    const bool nsa = c->IsNsa(), independent = nsa && !c->nsa.shared_kv;
+    std::vector<std::pair<int64_t, int64_t>> parts;  // [begin, end) columns of the parts present
+    auto expect_part = [&](int64_t col, int64_t width, bool present, const char* what) {
+      SCOPED_TRACE(what);
+      EXPECT_EQ(col >= 0, present);
+      if (col < 0) return;
+      EXPECT_EQ(col % 8, 0);
+      EXPECT_LE(col + width, f.width);
+      parts.push_back({col, col + width});
+    };
+    EXPECT_EQ(f.width % 8, 0);
+    expect_part(f.gate, 3 * int64_t{c->num_heads}, nsa, "gate");
+    expect_part(f.k[kSlc], kw, true, "k slc");
+    expect_part(f.v[kSlc], vw, true, "v slc");
+    expect_part(f.k[kWin], kw, independent && c->nsa.window > 0, "k win");
+    expect_part(f.v[kWin], vw, independent && c->nsa.window > 0, "v win");
+    const bool mlp = independent && c->nsa.compression == Compression::kMlpPreRope;
+    expect_part(f.k[kCmp], kw, mlp, "k cmp");
+    expect_part(f.v[kCmp], vw, mlp, "v cmp");
+    std::sort(parts.begin(), parts.end());
+    for (size_t i = 1; i < parts.size(); ++i) EXPECT_LE(parts[i - 1].second, parts[i].first);
+    if (f.k[kWin] >= 0 && kw % 8 == 0) {
+      EXPECT_EQ(f.k[kWin], f.k[kSlc] + kw);
+    }
   }
 }
 

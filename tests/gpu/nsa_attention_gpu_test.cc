@@ -77,6 +77,11 @@ struct NsaCase {
   GateDType gate_dtype = GateDType::kBf16;
   bool zero_cmp_keys = false;  // all compressed keys 0: every interior block score ties
   uint64_t seed = 1;
+  // Prefill with a window ring: -1 passes the chunk's window K and V as two contiguous buffers
+  // (stride 0). pad >= 0 lays them out as the CUDA executor's fused projection output does: one
+  // buffer whose token rows are [pad][K][pad][V][pad], the pads bf16 NaN, with K and V pointing into
+  // it and both strides the row width, so a kernel that assumes contiguous rows reads V or NaN.
+  int chunk_pad = -1;
 };
 
 std::vector<SeqSpec> DecodeAt(const std::vector<int>& positions) {
@@ -294,8 +299,28 @@ void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel,
   NEEDLE_CUDA_ASSERT(d_sel.Fill(0x7F));
   NEEDLE_CUDA_ASSERT(d_cu.Upload(cu));
   NEEDLE_CUDA_ASSERT(d_start.Upload(start));
-  NEEDLE_CUDA_ASSERT(d_wk.Upload(gpu_test::ToBf16Bits(win_k_chunk)));
-  NEEDLE_CUDA_ASSERT(d_wv.Upload(gpu_test::ToBf16Bits(win_v_chunk)));
+  // The window chunk buffers: two contiguous ones, or K and V interleaved in one padded row per token.
+  const __nv_bfloat16* wk_ptr = nullptr;
+  const __nv_bfloat16* wv_ptr = nullptr;
+  int64_t chunk_stride = 0;
+  if (c.chunk_pad < 0) {
+    NEEDLE_CUDA_ASSERT(d_wk.Upload(gpu_test::ToBf16Bits(win_k_chunk)));
+    NEEDLE_CUDA_ASSERT(d_wv.Upload(gpu_test::ToBf16Bits(win_v_chunk)));
+    wk_ptr = reinterpret_cast<const __nv_bfloat16*>(d_wk.get());
+    wv_ptr = reinterpret_cast<const __nv_bfloat16*>(d_wv.get());
+  } else if (!c.shared_kv) {
+    const int64_t pad = c.chunk_pad, kw = static_cast<int64_t>(hkv) * dk, vw = static_cast<int64_t>(hkv) * dv;
+    chunk_stride = pad + kw + pad + vw + pad;
+    std::vector<uint16_t> fused(static_cast<size_t>(num_tokens * chunk_stride), 0xFFFF);  // bf16 NaN
+    const std::vector<uint16_t> kb = gpu_test::ToBf16Bits(win_k_chunk), vb = gpu_test::ToBf16Bits(win_v_chunk);
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      std::copy_n(kb.begin() + t * kw, kw, fused.begin() + t * chunk_stride + pad);
+      std::copy_n(vb.begin() + t * vw, vw, fused.begin() + t * chunk_stride + pad + kw + pad);
+    }
+    NEEDLE_CUDA_ASSERT(d_wk.Upload(fused));
+    wk_ptr = reinterpret_cast<const __nv_bfloat16*>(d_wk.get()) + pad;
+    wv_ptr = wk_ptr + kw + pad;
+  }
 
   const auto* q_ptr = reinterpret_cast<const __nv_bfloat16*>(d_q.get());
   auto* out_ptr = reinterpret_cast<__nv_bfloat16*>(d_out.get());
@@ -360,8 +385,10 @@ void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel,
     p.compressed = cmp_cache.view;
     p.selection = sel_cache.view;
     p.window = win_cache.view;
-    p.window_k_chunk = c.shared_kv ? nullptr : reinterpret_cast<const __nv_bfloat16*>(d_wk.get());
-    p.window_v_chunk = c.shared_kv ? nullptr : reinterpret_cast<const __nv_bfloat16*>(d_wv.get());
+    p.window_k_chunk = c.shared_kv ? nullptr : wk_ptr;
+    p.window_v_chunk = c.shared_kv ? nullptr : wv_ptr;
+    p.window_k_chunk_stride = chunk_stride;
+    p.window_v_chunk_stride = chunk_stride;
     p.shared_kv = c.shared_kv;
     p.simple = simple_prefill;
     ASSERT_EQ(NsaPrefillWorkspaceBytes(num_tokens, hkv, G, max_context), 0u);
@@ -783,6 +810,40 @@ TEST(NsaPrefillGpuTest, TensorCore) {
     NsaCase c = cases[i];
     c.seed = 700 + i;
     ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/false));
+  }
+}
+
+// Window chunk rows inside wider rows (NsaPrefillParams::window_{k,v}_chunk_stride), laid out as the
+// CUDA executor's fused projection output: K and V of a token in one row with NaN padding around
+// them. Pads of 8 keep the rows 16-byte aligned (the tensor-core path); pads of 3 do not, and
+// 192/128 then falls back to the simple kernel, which must read the same rows. Both kernels, chunks
+// longer than the ring, ragged batches.
+TEST(NsaPrefillGpuTest, StridedWindowChunks) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  const NsaKernelGeometry tiny_paper{8, 4, 16, 4, 1, 2, 32};
+  struct Strided {
+    NsaCase c;
+    int pad;
+    bool simple;
+  };
+  const std::vector<Strided> cases = {
+      {{"paper d192/128 G16 ring", PaperGeometry(), 192, 128, 2, 16, false, {{0, 300}, {1500, 600}}}, 8, false},
+      {{"paper d192/128 G16 ring unpadded", PaperGeometry(), 192, 128, 1, 16, false, {{0, 40}, {3000, 24}}}, 0, false},
+      {{"paper d192/128 G16 ring misaligned", PaperGeometry(), 192, 128, 2, 16, false, {{1000, 100}, {0, 3}}}, 3,
+       false},
+      {{"paper d64 G1 ring long chunk", PaperGeometry(), 64, 64, 1, 1, false, {{500, 600}}}, 8, false},
+      {{"paper d128 G4 ring simple", PaperGeometry(), 128, 128, 2, 4, false, {{0, 70}, {1000, 60}}}, 8, true},
+      {{"tiny-nsa-paper d24/16 G2 ring", tiny_paper, 24, 16, 2, 2, false, {{0, 40}, {30, 50}, {200, 17}}, 16, 8}, 8,
+       false},
+      {{"demo d32 G4 ring fp32-gates", PaperGeometry(), 32, 32, 2, 4, false, {{1000, 80}}, 64, 64, GateDType::kFp32},
+       5, false},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i].c;
+    c.chunk_pad = cases[i].pad;
+    c.name += " pad " + std::to_string(cases[i].pad);
+    c.seed = 850 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/false, kSingleKernel, 1, cases[i].simple));
   }
 }
 
