@@ -1,7 +1,10 @@
 // needle-bench: load and latency benchmark against a running needle-server. C concurrent clients each
 // send requests of L synthetic prompt tokens asking for O output tokens until N requests are done;
 // reports time to first token, per-token latency (client-side gaps between streamed tokens; mean,
-// p50, p90, p99, max), output tokens/s, and the server's own timings, as a table and as JSON.
+// p50, p90, p99, max), output tokens/s, and the server's own timings, as a table and as JSON. With one
+// wave of requests (N == C) it also reports the gaps while all C requests were decoding at once (after
+// the last first token, before the first request finished): the batch-C decode step on its own, without
+// the steps that also carry other requests' prefill chunks.
 // A benchmark, not a test: it asserts nothing and prints what it measured.
 #include <algorithm>
 #include <atomic>
@@ -98,13 +101,14 @@ struct Result {
   grpc::Status status;
   std::string finish_reason = "none";
   double ttft_s = -1;
+  double start_s = 0;                // when the call started, seconds since the measured phase began
   std::vector<double> client_times;  // seconds since the call started, one per token
   std::vector<double> server_gaps;
   double server_prefill_s = 0, server_queue_s = 0, server_ttft_s = 0;
   int64_t tokens = 0;
 };
 
-Result RunOne(needle::v1::Generation::Stub& stub, const Options& o, int index) {
+Result RunOne(needle::v1::Generation::Stub& stub, const Options& o, int index, Clock::time_point epoch) {
   needle::v1::GenerateRequest req;
   SetSyntheticPrompt(&req, o.prompt_tokens, index);
   req.mutable_sampling()->set_temperature(static_cast<float>(o.temperature));
@@ -117,6 +121,7 @@ Result RunOne(needle::v1::Generation::Stub& stub, const Options& o, int index) {
   Result r;
   std::vector<double> server_times;
   const Clock::time_point start = Clock::now();
+  r.start_s = std::chrono::duration<double>(start - epoch).count();
   auto reader = stub.Generate(&ctx, req);
   needle::v1::GenerateResponse resp;
   while (reader->Read(&resp)) {
@@ -177,7 +182,7 @@ int main(int argc, char** argv) {
   }
   auto stub0 = needle::v1::Generation::NewStub(channels[0]);
   for (int w = 0; w < o.warmup; ++w) {
-    Result r = RunOne(*stub0, o, -1 - w);
+    Result r = RunOne(*stub0, o, -1 - w, Clock::now());
     if (!r.status.ok()) {
       std::cerr << "needle-bench: warm-up request failed: " << CodeName(r.status.error_code()) << ": "
                 << r.status.error_message() << "\n";
@@ -195,7 +200,7 @@ int main(int argc, char** argv) {
     workers.emplace_back([&, c] {
       auto stub = needle::v1::Generation::NewStub(channels[c]);
       for (int i = next++; i < o.requests; i = next++) {
-        Result r = RunOne(*stub, o, i);
+        Result r = RunOne(*stub, o, i, start);
         tokens += r.tokens;
         std::lock_guard<std::mutex> lock(mu);
         results.push_back(std::move(r));
@@ -226,8 +231,25 @@ int main(int argc, char** argv) {
     server_itl.insert(server_itl.end(), r.server_gaps.begin(), r.server_gaps.end());
     server_prefill.push_back(r.server_prefill_s);
   }
+  // All C decoding: gaps inside [the last first token, the first last token] of one wave of requests.
+  std::vector<double> batch_itl;
+  if (failed == 0 && o.requests == o.concurrency) {
+    double lo = 0, hi = 1e300;
+    for (const Result& r : results) {
+      if (r.client_times.empty()) continue;
+      lo = std::max(lo, r.start_s + r.client_times.front());
+      hi = std::min(hi, r.start_s + r.client_times.back());
+    }
+    for (const Result& r : results) {
+      for (size_t i = 1; i < r.client_times.size(); ++i) {
+        if (r.start_s + r.client_times[i - 1] >= lo && r.start_s + r.client_times[i] <= hi) {
+          batch_itl.push_back(r.client_times[i] - r.client_times[i - 1]);
+        }
+      }
+    }
+  }
   const Summary s_ttft = Summarize(ttft), s_itl = Summarize(itl), s_sitl = Summarize(server_itl),
-                s_prefill = Summarize(server_prefill);
+                s_prefill = Summarize(server_prefill), s_batch = Summarize(batch_itl);
   std::printf("needle-bench: %s  C=%d L=%lld O=%lld requests=%d (failed %d)  wall %.2f s\n", o.server.c_str(),
               o.concurrency, static_cast<long long>(o.prompt_tokens), static_cast<long long>(o.max_tokens),
               o.requests, failed, wall_s);
@@ -240,6 +262,10 @@ int main(int argc, char** argv) {
   row("per-token latency", s_itl);
   row("per-token (server)", s_sitl);
   row("prefill (server)", s_prefill);
+  if (s_batch.n > 0) {
+    row("per-token, all C decoding", s_batch);
+    std::printf("(all C decoding: %zu gaps)\n", s_batch.n);
+  }
   std::printf("output tokens/s %.1f   requests/s %.3f\n", total_tokens / wall_s, (o.requests - failed) / wall_s);
 
   if (!o.json_path.empty()) {
@@ -259,6 +285,7 @@ int main(int argc, char** argv) {
     j["per_token_latency"] = SummaryJson(s_itl);
     j["per_token_latency_server"] = SummaryJson(s_sitl);
     j["prefill_server"] = SummaryJson(s_prefill);
+    j["per_token_latency_all_decoding"] = SummaryJson(s_batch);
     std::ofstream(o.json_path) << j.dump(2) << "\n";
   }
   return failed ? 1 : 0;

@@ -20,6 +20,7 @@
 #include "engine/cuda/cuda_executor.h"
 
 #include <cublasLt.h>
+#include <nvtx3/nvToolsExt.h>
 
 #include <algorithm>
 #include <cmath>
@@ -339,7 +340,28 @@ absl::Status CudaExecutor::Gemm(int64_t rows, int64_t in, int64_t out, const bf1
   return absl::OkStatus();
 }
 
+namespace {
+
+// An NVTX range around one step, "needle.decode" when every sequence decodes one token and
+// "needle.step" otherwise, so that a profiler can pick out the decode steps (for example
+// `ncu --nvtx --nvtx-include "needle.decode/"`). Header-only NVTX: without a tool attached a push or
+// pop is a check of a null function pointer.
+class StepRange {
+ public:
+  explicit StepRange(const StepPlan& plan) {
+    const bool decode = std::all_of(plan.seqs.begin(), plan.seqs.end(),
+                                    [](const SeqStep& s) { return s.tokens.size() == 1; });
+    nvtxRangePushA(decode ? "needle.decode" : "needle.step");
+  }
+  ~StepRange() { nvtxRangePop(); }
+  StepRange(const StepRange&) = delete;
+  StepRange& operator=(const StepRange&) = delete;
+};
+
+}  // namespace
+
 absl::Status CudaExecutor::Run(const StepPlan& plan, StepOutput* out) {
+  const StepRange range(plan);
   NEEDLE_CUDA_RETURN_IF_ERROR(cudaSetDevice(config_.device));
   DecodePadding pad;
   if (GraphPaddingFor(plan, &pad)) {
