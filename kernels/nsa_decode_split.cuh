@@ -216,24 +216,34 @@ __device__ inline int BlockExclusiveSum(int x, int* scratch, int* total) {
 // and *need how many keys equal to it are among the k largest (those with the lowest indices).
 // k must be in [1, hi - lo]. Every thread of the kSelectThreads-thread block must call it.
 __device__ inline void RadixSelect(const uint32_t* keys, int lo, int hi, int k, uint32_t* prefix_out, int* need_out) {
-  __shared__ int hist[256];
+  // Two histograms: a pass counts into one while zeroing the other for the next pass (one barrier
+  // fewer per pass).
+  __shared__ __align__(16) int hist[2][256];
   __shared__ uint32_t s_prefix;
   __shared__ int s_need;
+  for (int b = threadIdx.x; b < 2 * 256; b += kSelectThreads) hist[b / 256][b % 256] = 0;
+  __syncthreads();
   uint32_t prefix = 0;
   int need = k;
-  for (int shift = 24; shift >= 0; shift -= 8) {
+  for (int shift = 24, pass = 0; shift >= 0; shift -= 8, ++pass) {
+    int* h = hist[pass & 1];
     const uint32_t high = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-    for (int b = threadIdx.x; b < 256; b += kSelectThreads) hist[b] = 0;
-    __syncthreads();
     for (int j = lo + threadIdx.x; j < hi; j += kSelectThreads) {
       const uint32_t key = keys[j];
-      if ((key & high) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+      if ((key & high) == prefix) atomicAdd(&h[(key >> shift) & 255u], 1);
     }
+    for (int b = threadIdx.x; b < 256; b += kSelectThreads) hist[(pass + 1) & 1][b] = 0;
     __syncthreads();
     if (threadIdx.x < kWarpSize) {
-      const int lane = threadIdx.x;  // owns digits 255 - 8 lane down to 248 - 8 lane
+      // Lane l owns digits 255 - 8 l down to 248 - 8 l: bins 8 (31 - l) .. 8 (31 - l) + 7, read as two
+      // 16-byte loads and walked in registers.
+      const int lane = threadIdx.x;
+      const int4 below = *reinterpret_cast<const int4*>(h + 8 * (31 - lane));
+      const int4 above4 = *reinterpret_cast<const int4*>(h + 8 * (31 - lane) + 4);
+      const int cnt[8] = {above4.w, above4.z, above4.y, above4.x, below.w, below.z, below.y, below.x};
       int local = 0;
-      for (int b = 0; b < 8; ++b) local += hist[255 - 8 * lane - b];
+#pragma unroll
+      for (int b = 0; b < 8; ++b) local += cnt[b];
       int inclusive = local;
 #pragma unroll
       for (int o = 1; o < kWarpSize; o <<= 1) {
@@ -241,14 +251,13 @@ __device__ inline void RadixSelect(const uint32_t* keys, int lo, int hi, int k, 
         if (lane >= o) inclusive += y;
       }
       int above = inclusive - local;  // keys with a larger digit
+#pragma unroll
       for (int b = 0; b < 8; ++b) {
-        const int digit = 255 - 8 * lane - b;
-        const int cnt = hist[digit];
-        if (above < need && above + cnt >= need) {
-          s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+        if (above < need && above + cnt[b] >= need) {
+          s_prefix = prefix | (static_cast<uint32_t>(255 - 8 * lane - b) << shift);
           s_need = need - above;
         }
-        above += cnt;
+        above += cnt[b];
       }
     }
     __syncthreads();
@@ -311,15 +320,34 @@ __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplit
   uint32_t* keys = reinterpret_cast<uint32_t*>(smem);
   float* lse = reinterpret_cast<float*>(keys + a.plan.lb_stride);
   const int64_t nc = NumCompressed(geo, t);
+  // This thread's first two blocks' lb of the first kPrefetch heads, requested now so that their
+  // latency overlaps the log-sum-exp phase's.
+  constexpr int kPrefetch = 16;
+  const float* lb = a.lb + static_cast<int64_t>(pair) * G * a.plan.lb_stride;
+  float2 first[kPrefetch];
+#pragma unroll
+  for (int h = 0; h < kPrefetch; ++h) {
+    first[h] = h < G && nc > 0 && 2 * static_cast<int>(threadIdx.x) < nb
+                   ? *reinterpret_cast<const float2*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + 2 * threadIdx.x)
+                   : make_float2(0.f, 0.f);
+  }
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   for (int h = warp; h < G; h += kSelectThreads / kWarpSize) {  // a warp per head, lanes over splits
     float m = -INFINITY, l = 0.0f;
-    for (int s = lane; s < a.plan.cmp_splits; s += kWarpSize) {
-      const float2 v = a.states.ml[a.states.Index(pair, s) + h];
-      if (v.y > 0.0f) {
-        const float m_new = fmaxf(m, v.x);
-        l = l * exp2f(m - m_new) + v.y * exp2f(v.x - m_new);
-        m = m_new;
+    for (int s0 = lane; s0 < a.plan.cmp_splits; s0 += 4 * kWarpSize) {  // four loads in flight
+      float2 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int s = s0 + u * kWarpSize;
+        v[u] = s < a.plan.cmp_splits ? a.states.ml[a.states.Index(pair, s) + h] : make_float2(0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (v[u].y > 0.0f) {
+          const float m_new = fmaxf(m, v[u].x);
+          l = l * exp2f(m - m_new) + v[u].y * exp2f(v[u].x - m_new);
+          m = m_new;
+        }
       }
     }
 #pragma unroll
@@ -335,12 +363,21 @@ __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplit
   // Keys: forced blocks above every score; scores are >= 0 floats, whose bits order like the values.
   // Each thread scores 2 consecutive blocks from 8-byte loads of every head's lb row.
   const int64_t current = nb - 1;
-  const float* lb = a.lb + static_cast<int64_t>(pair) * G * a.plan.lb_stride;
   for (int j0 = 2 * threadIdx.x; j0 < nb; j0 += 2 * kSelectThreads) {
     float2 score = make_float2(0.f, 0.f);
     if (nc > 0) {
+      const bool prefetched = j0 == 2 * static_cast<int>(threadIdx.x);
+#pragma unroll
+      for (int h = 0; h < kPrefetch; ++h) {
+        if (h >= G) break;
+        const float2 v = prefetched ? first[h]
+                                    : *reinterpret_cast<const float2*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + j0);
+        const float x = lse[h];
+        score.x += exp2f(v.x - x);
+        score.y += exp2f(v.y - x);
+      }
 #pragma unroll 16
-      for (int h = 0; h < G; ++h) {
+      for (int h = kPrefetch; h < G; ++h) {
         const float2 v = *reinterpret_cast<const float2*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + j0);
         const float x = lse[h];
         score.x += exp2f(v.x - x);
