@@ -113,7 +113,7 @@ absl::StatusOr<std::unique_ptr<Engine>> BuildEngine(const EngineOptions& o) {
     }
   }
   const int elem_bytes = use_device ? device.kv_elem_bytes : 4;
-  KvCacheConfig cache = SizePools(m, kv_bytes, elem_bytes, max_seq, page);
+  KvCacheConfig cache = SizePools(m, kv_bytes, elem_bytes, max_seq, page, o.engine.max_batch);
   cache.shuffle_seed = o.kv_shuffle_seed;
   NEEDLE_RETURN_IF_ERROR(cache.Validate(m));
   // SizePools gives one whole sequence even when the budget is smaller; a server must not take

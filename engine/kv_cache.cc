@@ -275,7 +275,7 @@ int64_t PoolBytes(const ModelConfig& model, const KvCacheConfig& config, int ele
 }
 
 KvCacheConfig SizePools(const ModelConfig& model, int64_t bytes, int elem_bytes, int64_t max_seq_tokens,
-                        int page_tokens) {
+                        int page_tokens, int64_t max_batch) {
   KvCacheConfig config;
   config.page_tokens = page_tokens;
   // Invalid inputs: return no pages; Validate() on the result reports the problem.
@@ -290,12 +290,20 @@ KvCacheConfig SizePools(const ModelConfig& model, int64_t bytes, int elem_bytes,
     seq_bytes += need[p] * page_bytes[p];
   }
   if (seq_bytes <= 0) return config;  // a degenerate model (no layers or heads)
-  // Whole max-length sequences the budget holds (at least one): window rings and staging slots are
-  // per sequence, so that many of each.
-  const int64_t num_seqs = std::max<int64_t>(1, bytes / seq_bytes);
+  // Whole max-length sequences the budget holds (at least one). Window rings and staging slots are
+  // per sequence: that many of each, plus, from what is left below one more max-length sequence, up
+  // to max_batch in all (a 64k sequence under a 128k limit needs a whole ring but only half the
+  // selection pages, so more of them fit than max-length ones).
   const int sel = Index(Pool::kSelection), cmp = Index(Pool::kCompressed);
   const int win = Index(Pool::kWindow), stg = Index(Pool::kStaging);
-  for (int p : {win, stg}) config.num_pages[p] = num_seqs * need[p];
+  const int64_t num_seqs = std::max<int64_t>(1, bytes / seq_bytes);
+  const int64_t ring_bytes = need[win] * page_bytes[win] + need[stg] * page_bytes[stg];
+  int64_t rings = num_seqs;
+  if (max_batch > num_seqs && ring_bytes > 0) {
+    const int64_t left = std::max<int64_t>(0, bytes - num_seqs * seq_bytes);
+    rings += std::min(max_batch - num_seqs, left / ring_bytes);
+  }
+  for (int p : {win, stg}) config.num_pages[p] = rings * need[p];
   // Selection and compressed grow with length: they share the rest in the max-length proportion, so
   // the remainder below one whole sequence still serves shorter ones.
   // 128-bit: bytes * pages can exceed int64 for large budgets and long sequences.

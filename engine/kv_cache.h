@@ -109,9 +109,12 @@ class KvCacheManager {
 // Splits `bytes` of cache memory across the pools in the proportions a sequence of
 // `max_seq_tokens` needs, for K/V elements of `elem_bytes` bytes. At least one such sequence fits,
 // even when that takes more than `bytes` (BuildEngine refuses such a budget; tools that size the
-// cache for one known sequence pass bytes = 1).
+// cache for one known sequence pass bytes = 1). The per-sequence pools (window rings, staging slots)
+// get room for at least `max_batch` sequences, so that as many sequences shorter than
+// max_seq_tokens as the engine runs at once can be admitted, not only as many max-length ones as
+// the budget holds; their bytes come out of the selection and compressed pools' share.
 KvCacheConfig SizePools(const ModelConfig& model, int64_t bytes, int elem_bytes, int64_t max_seq_tokens,
-                        int page_tokens = 64);
+                        int page_tokens = 64, int64_t max_batch = 1);
 // Bytes one page (slot) of each pool takes across all layers and KV heads, K and V together.
 int64_t PageBytes(const ModelConfig& model, const CacheLayout& layout, Pool pool, int elem_bytes);
 // Bytes all pools of `config` take together.

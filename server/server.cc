@@ -144,6 +144,20 @@ absl::Status NeedleServer::LoadEngine() {
   Log()->info("engine ready: model {} ({}, vocab {}, context {}), built in {:.2f} s, warm-up {:.2f} s",
               options_.engine.model, std::string(engine::ArchitectureName(m.arch)), m.vocab_size, m.max_position_embeddings,
               std::chrono::duration<double>(t1 - t0).count(), std::chrono::duration<double>(t2 - t1).count());
+  {
+    // What the KV budget bought, pool by pool (a request is admitted when every pool has room for
+    // its prompt plus max_tokens).
+    const engine::KvCacheConfig& kv = engine_->cache_config();
+    std::string pools;
+    for (int p = 0; p < engine::kNumPools; ++p) {
+      if (kv.num_pages[p] == 0) continue;
+      const auto pool = static_cast<engine::Pool>(p);
+      absl::StrAppend(&pools, pools.empty() ? "" : ", ", engine::PoolName(pool), " ", kv.num_pages[p],
+                      pool == engine::Pool::kStaging ? " slots" : " pages");
+    }
+    Log()->info("KV cache: {} (pages of {} tokens, compressed pages of {})", pools, kv.page_tokens,
+                kv.cmp_page_tokens);
+  }
   generation_->SetEngine(engine_.get());
   health_->SetServing(true);
   monitor_ = std::thread([this] { MonitorEngine(); });

@@ -778,16 +778,22 @@ TEST(SizePools, HandComputedSplit) {
   EXPECT_LE(ConfigBytes(PaperTiny(), c, 2), bytes);
 }
 
-TEST(SizePools, AdmitsMaxLengthSequencesWithinBudget) {
-  ModelConfig bench = Base(Architecture::kNsaPaper);  // the paper's geometry
+// The paper's attention geometry at the size of the paper presets.
+ModelConfig PaperBench(int64_t context) {
+  ModelConfig bench = Base(Architecture::kNsaPaper);
   bench.num_layers = 30;
   bench.num_heads = 64;
   bench.num_kv_heads = 4;
   bench.head_dim_qk = 192;
   bench.head_dim_v = 128;
   bench.hidden_size = 2560;
-  bench.max_position_embeddings = 65536;
+  bench.max_position_embeddings = context;
   bench.nsa.cmp_mlp_hidden = 64;
+  return bench;
+}
+
+TEST(SizePools, AdmitsMaxLengthSequencesWithinBudget) {
+  ModelConfig bench = PaperBench(65536);
   ASSERT_TRUE(bench.Validate().ok()) << bench.Validate();
   ModelConfig fla = FlaNsaTiny();
   ModelConfig dense = LlamaTiny();
@@ -835,6 +841,50 @@ TEST(SizePools, AdmitsMaxLengthSequencesWithinBudget) {
       const double cmp_seqs = static_cast<double>(c.num_pages[kCmp]) / one[kCmp];
       EXPECT_NEAR(sel_seqs, cmp_seqs, 1.0 / std::min(one[kSel], one[kCmp]) + 1e-9) << tag;
     }
+  }
+}
+
+// With max_batch above the max-length sequences the budget holds, the window rings and staging slots
+// cover max_batch sequences (paid from the remainder), so shorter sequences are not capped at that
+// count: two and a half 128k sequences' worth of budget admits eight 64k ones with max_batch 8, and
+// only two with max_batch 1 (the rings run out first).
+TEST(SizePools, PerSequencePoolsCoverMaxBatch) {
+  const ModelConfig bench = PaperBench(131072);
+  ASSERT_TRUE(bench.Validate().ok()) << bench.Validate();
+  const CacheLayout layout = CacheLayout::For(bench, KvCacheConfig{});
+  const Pages4 one = layout.PagesFor(131072);
+  int64_t seq_bytes = 0, ring_bytes = 0;
+  for (int p = 0; p < kNumPools; ++p) {
+    const int64_t b = std::max<int64_t>(one[p], layout.has_pool[p] ? 1 : 0) *
+                      PageBytes(bench, layout, static_cast<Pool>(p), 2);
+    seq_bytes += b;
+    if (p == kWin || p == kStg) ring_bytes += b;
+  }
+  const int64_t bytes = 5 * seq_bytes / 2;
+  for (int64_t max_batch : {1, 8}) {
+    const std::string tag = absl::StrCat("max_batch ", max_batch);
+    const KvCacheConfig c = SizePools(bench, bytes, 2, 131072, 64, max_batch);
+    ASSERT_TRUE(c.Validate(bench).ok()) << tag << ": " << c.Validate(bench);
+    EXPECT_LE(ConfigBytes(bench, c, 2), bytes) << tag;
+    const int64_t rings = max_batch == 1 ? 2 : 8;  // 6 extra rings cost far less than half a sequence
+    ASSERT_LT(6 * ring_bytes, seq_bytes / 2);
+    EXPECT_EQ(c.num_pages[kWin], rings * one[kWin]) << tag;
+    EXPECT_EQ(c.num_pages[kStg], rings * one[kStg]) << tag;
+    KvCacheManager m(bench, c);
+    for (int i = 0; i < 2; ++i) {  // two max-length sequences still fit
+      auto r = m.Plan(100 + i, 131072);
+      ASSERT_TRUE(r.ok()) << tag << ": " << r.status();
+      m.Commit(*r);
+    }
+    KvCacheManager half(bench, c);
+    int admitted = 0;
+    while (admitted < 10 && half.CanAdmit(65536 + 256)) {
+      auto r = half.Plan(admitted, 65536 + 256);
+      ASSERT_TRUE(r.ok()) << tag << ": " << r.status();
+      half.Commit(*r);
+      ++admitted;
+    }
+    EXPECT_EQ(admitted, max_batch == 1 ? 2 : 4) << tag;  // selection pages allow 4 of them (2.5 x 128k / 64k)
   }
 }
 

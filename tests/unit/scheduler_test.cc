@@ -153,7 +153,9 @@ TEST(Scheduler, BudgetBoundsEveryStepAndLongPromptsDoNotStallDecodes) {
       }
     }
     for (SeqId id = 1; id <= 4; ++id) {
-      if (!sim.seq(id).done) EXPECT_GE(decodes, 1) << "step " << step;
+      if (!sim.seq(id).done) {
+        EXPECT_GE(decodes, 1) << "step " << step;
+      }
     }
   }
 }
