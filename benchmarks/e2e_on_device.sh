@@ -9,7 +9,7 @@
 #      ncu, kernels inside the executor's "needle.decode" NVTX ranges only, at the GPU's own clocks and
 #      without cache flushes; benchmarks/step_profile.py sums them by kind (attention, GEMM, other).
 # Logs and JSON go to $OUT (or ./e2e-logs). Usage: benchmarks/e2e_on_device.sh PACK_DIR MODEL...
-# Environment: L (prompt tokens, default 65536), O1 (default 64), O8 (default 256), SKIP_BENCH=1 or
+# Environment: L (prompt tokens, default 65536), O1 (default 64), O8 (default 1024), SKIP_BENCH=1 or
 # SKIP_PROFILE=1 to run one half only.
 set -uo pipefail
 pack=$(cd "$1" && pwd)
@@ -19,7 +19,7 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH="$pack/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 L=${L:-65536}
 O1=${O1:-64}
-O8=${O8:-256}
+O8=${O8:-1024}
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 here=$(cd "$(dirname "$0")" && pwd)
 server_flags=(--backend cuda --kv_cache_fraction 0.85 --max_batch 16 --prefill_chunk 8192 --step_token_budget 16384)
