@@ -366,23 +366,18 @@ __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplit
   for (int j0 = 2 * threadIdx.x; j0 < nb; j0 += 2 * kSelectThreads) {
     float2 score = make_float2(0.f, 0.f);
     if (nc > 0) {
+      auto lb_at = [&](int h) {
+        return *reinterpret_cast<const float2*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + j0);
+      };
+      auto add = [&](int h, float2 v) {
+        score.x += exp2f(v.x - lse[h]);
+        score.y += exp2f(v.y - lse[h]);
+      };
       const bool prefetched = j0 == 2 * static_cast<int>(threadIdx.x);
 #pragma unroll
-      for (int h = 0; h < kPrefetch; ++h) {
-        if (h >= G) break;
-        const float2 v = prefetched ? first[h]
-                                    : *reinterpret_cast<const float2*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + j0);
-        const float x = lse[h];
-        score.x += exp2f(v.x - x);
-        score.y += exp2f(v.y - x);
-      }
+      for (int h = 0; h < kPrefetch && h < G; ++h) add(h, prefetched ? first[h] : lb_at(h));
 #pragma unroll 16
-      for (int h = kPrefetch; h < G; ++h) {
-        const float2 v = *reinterpret_cast<const float2*>(lb + static_cast<int64_t>(h) * a.plan.lb_stride + j0);
-        const float x = lse[h];
-        score.x += exp2f(v.x - x);
-        score.y += exp2f(v.y - x);
-      }
+      for (int h = kPrefetch; h < G; ++h) add(h, lb_at(h));
     }
     const float sc[2] = {score.x, score.y};
 #pragma unroll
