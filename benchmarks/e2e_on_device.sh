@@ -12,11 +12,8 @@
 # Environment: L (prompt tokens, default 65536), O1 (default 64), O8 (default 1024), SKIP_BENCH=1 or
 # SKIP_PROFILE=1 to run one half only.
 set -uo pipefail
-pack=$(cd "$1" && pwd)
+source "$(dirname "$0")/../scripts/device/pack_env.sh" "$1" e2e-logs
 shift
-out=${OUT:-$PWD/e2e-logs}
-mkdir -p "$out"
-export LD_LIBRARY_PATH="$pack/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 L=${L:-65536}
 O1=${O1:-64}
 O8=${O8:-1024}

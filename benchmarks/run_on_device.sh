@@ -6,11 +6,8 @@
 # configurations, and benchmarks/sdpa_baseline.py when torch is there. Logs and JSON go to $OUT (or
 # ./perf-logs); the last lines are a summary. Usage: benchmarks/run_on_device.sh PACK_DIR [BENCH_FLAGS...]
 set -uo pipefail
-pack=$(cd "$1" && pwd)
+source "$(dirname "$0")/../scripts/device/pack_env.sh" "$1" perf-logs
 shift
-out=${OUT:-$PWD/perf-logs}
-mkdir -p "$out"
-export LD_LIBRARY_PATH="$pack/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export NEEDLE_REQUIRE_GPU=1
 san=/usr/local/cuda/bin/compute-sanitizer
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)

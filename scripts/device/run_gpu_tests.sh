@@ -3,10 +3,7 @@
 # NEEDLE_REQUIRE_GPU=1 (a missing GPU fails), then each once more under compute-sanitizer memcheck.
 # Logs go to $OUT (or ./gpu-logs); the last lines are a summary. Usage: run_gpu_tests.sh PACK_DIR
 set -uo pipefail
-pack=$(cd "$1" && pwd)
-out=${OUT:-$PWD/gpu-logs}
-mkdir -p "$out"
-export LD_LIBRARY_PATH="$pack/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source "$(dirname "$0")/pack_env.sh" "$1" gpu-logs
 export NEEDLE_REQUIRE_GPU=1
 sanitizer=/usr/local/cuda/bin/compute-sanitizer
 summary=()
