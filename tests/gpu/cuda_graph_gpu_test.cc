@@ -43,49 +43,17 @@
 #include "engine/kv_cache.h"
 #include "engine/presets.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/support/executor_test_util.h"
 
 namespace needle::engine::cuda {
 namespace {
 
-std::vector<int32_t> RandomTokens(int64_t n, int vocab, uint64_t seed) {
-  std::vector<int32_t> t(n);
-  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
-  for (auto& v : t) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    v = static_cast<int32_t>(x % static_cast<uint64_t>(vocab));
-  }
-  return t;
-}
+using ::needle::engine::test::Argmax;
+using ::needle::engine::test::CacheFor;
+using ::needle::engine::test::Name;
+using ::needle::engine::test::RandomTokens;
 
-int PageTokens(const ModelConfig& m) {
-  if (!m.IsNsa()) return 64;
-  return m.nsa.sel_block >= 64 ? m.nsa.sel_block : ((64 + m.nsa.sel_block - 1) / m.nsa.sel_block) * m.nsa.sel_block;
-}
 
-// Pools for `seqs` sequences of `tokens` tokens plus spare pages, handed out in a seeded random order.
-KvCacheConfig CacheFor(const ModelConfig& m, int64_t tokens, int seqs, uint64_t shuffle_seed) {
-  KvCacheConfig c;
-  c.page_tokens = PageTokens(m);
-  c.shuffle_seed = shuffle_seed;
-  const CacheLayout layout = CacheLayout::For(m, c);
-  const std::vector<int64_t> need = layout.PagesFor(tokens);
-  for (int p = 0; p < kNumPools; ++p) c.num_pages[p] = layout.has_pool[p] ? need[p] * seqs + 3 : 0;
-  return c;
-}
-
-int Argmax(const float* row, int vocab) {
-  int best = 0;
-  for (int v = 1; v < vocab; ++v) {
-    if (row[v] > row[best]) best = v;
-  }
-  return best;
-}
-
-std::string Name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string n = info.param;
-  std::replace(n.begin(), n.end(), '-', '_');
-  return n;
-}
 
 // The bucket a batch of n decodes runs in: what CudaExecutor::graph_buckets() says.
 int BucketOf(const std::vector<int>& buckets, int n) {

@@ -12,6 +12,7 @@
 
 #include "engine/kv_cache.h"
 #include "engine/presets.h"
+#include "tests/support/executor_test_util.h"
 #include "tests/support/naive_forward.h"
 
 namespace needle::engine {
@@ -19,20 +20,8 @@ namespace {
 
 constexpr double kTol = 1e-4;
 
-std::vector<int32_t> RandomTokens(int64_t n, int vocab, uint64_t seed) {
-  std::vector<int32_t> t(n);
-  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
-  for (auto& v : t) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    v = static_cast<int32_t>(x % static_cast<uint64_t>(vocab));
-  }
-  return t;
-}
-
-int PageTokens(const ModelConfig& m) {
-  if (!m.IsNsa()) return 64;
-  return m.nsa.sel_block >= 64 ? m.nsa.sel_block : ((64 + m.nsa.sel_block - 1) / m.nsa.sel_block) * m.nsa.sel_block;
-}
+using test::PageTokens;
+using test::RandomTokens;
 
 // Runs `tokens` through a fresh cache in chunks of `chunk` tokens; returns logits [T][vocab].
 std::vector<float> RunChunked(const ModelWeights& w, const std::vector<int32_t>& tokens, int64_t chunk,
