@@ -9,13 +9,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "kernels/dense_attention.h"
@@ -152,41 +150,26 @@ void RunDenseCase(const DenseCase& c, bool decode, int split_chunks = kSingleKer
   for (int s = 0; s < num_seqs; ++s) {
     for (int i = 0; i < c.seqs[s].len; ++i) items.push_back({s, i});
   }
-  std::vector<std::string> failures(items.size());
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  auto worker = [&] {
+  const std::string failure = gpu_test::ParallelCheck(items.size(), [&](size_t n) -> std::string {
     std::vector<float> expected(static_cast<size_t>(G) * dv);
-    for (size_t n = next.fetch_add(1); n < items.size() && !failed.load(); n = next.fetch_add(1)) {
-      const int s = items[n].first, i = items[n].second;
-      const int token = cu[s] + i;
-      const int64_t t = c.seqs[s].start + i;
-      for (int h = 0; h < hkv; ++h) {
-        const ref::KvRows kr = ref::KvRows::Contiguous(k[s].data() + h * rows[s] * dk, dk);
-        const ref::KvRows vr = ref::KvRows::Contiguous(v[s].data() + h * rows[s] * dv, dv);
-        const size_t head0 = static_cast<size_t>(token) * H + static_cast<size_t>(h) * G;
-        ref::DenseAttention(q.data() + head0 * dk, G, dk, dv, kr, vr, t, scale, expected.data());
-        std::ostringstream where;
-        where << "seed " << c.seed << " case " << c.name << " token " << token << " (sequence " << s << ", position "
-              << t << ") KV head " << h << ", output [G][d_v] of the group";
-        const ::testing::AssertionResult r =
-            gpu_test::AllClose(out.data() + head0 * dv, expected.data(), expected.size(), c.atol, kRtol, where.str());
-        if (!r) {
-          failures[n] = r.message();
-          failed = true;
-          break;
-        }
-      }
+    const int s = items[n].first, i = items[n].second;
+    const int token = cu[s] + i;
+    const int64_t t = c.seqs[s].start + i;
+    for (int h = 0; h < hkv; ++h) {
+      const ref::KvRows kr = ref::KvRows::Contiguous(k[s].data() + h * rows[s] * dk, dk);
+      const ref::KvRows vr = ref::KvRows::Contiguous(v[s].data() + h * rows[s] * dv, dv);
+      const size_t head0 = static_cast<size_t>(token) * H + static_cast<size_t>(h) * G;
+      ref::DenseAttention(q.data() + head0 * dk, G, dk, dv, kr, vr, t, scale, expected.data());
+      std::ostringstream where;
+      where << "seed " << c.seed << " case " << c.name << " token " << token << " (sequence " << s << ", position "
+            << t << ") KV head " << h << ", output [G][d_v] of the group";
+      const ::testing::AssertionResult r =
+          gpu_test::AllClose(out.data() + head0 * dv, expected.data(), expected.size(), c.atol, kRtol, where.str());
+      if (!r) return r.message();
     }
-  };
-  const size_t workers =
-      std::max<size_t>(1, std::min<size_t>(items.size(), std::max(1u, std::thread::hardware_concurrency())));
-  std::vector<std::thread> threads;
-  for (size_t w = 0; w < workers; ++w) threads.emplace_back(worker);
-  for (std::thread& th : threads) th.join();
-  for (const std::string& f : failures) {
-    ASSERT_TRUE(f.empty()) << f;
-  }
+    return "";
+  });
+  ASSERT_TRUE(failure.empty()) << failure;
 }
 
 const std::vector<int> kPositions = {0, 1, 2, 31, 63, 64, 65, 127, 128, 1000, 4095};

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -17,6 +18,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/paged_kv.h"
@@ -297,6 +299,31 @@ inline ::testing::AssertionResult AllClose(const float* actual, const float* exp
       << "); worst at index " << worst << " (got " << actual[worst] << ", want " << expected[worst]
       << ", |err| " << worst_err << ")";
   return ::testing::AssertionFailure() << msg.str();
+}
+
+// Runs check(i) for i in [0, n) on all cores (reference checks of many tokens are slow on one);
+// check returns an empty string when item i is right, else its failure message. After a failure no
+// new items start; the result is the failure of the lowest failing item found ("" if none). check
+// must be safe to call from several threads at once.
+template <class Check>
+std::string ParallelCheck(size_t n, Check check) {
+  std::vector<std::string> failures(n);
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  auto worker = [&] {
+    for (size_t i = next++; i < n && !failed; i = next++) {
+      failures[i] = check(i);
+      if (!failures[i].empty()) failed = true;
+    }
+  };
+  const size_t workers = std::max<size_t>(1, std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency())));
+  std::vector<std::thread> threads;
+  for (size_t w = 0; w < workers; ++w) threads.emplace_back(worker);
+  for (std::thread& t : threads) t.join();
+  for (const std::string& f : failures) {
+    if (!f.empty()) return f;
+  }
+  return "";
 }
 
 }  // namespace needle::gpu_test

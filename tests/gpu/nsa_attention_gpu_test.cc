@@ -17,13 +17,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "kernels/nsa_decode.h"
@@ -412,66 +410,47 @@ void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel,
       for (int h = 0; h < hkv; ++h) items.push_back({s, i, h});
     }
   }
-  std::vector<std::string> failures(items.size());
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  auto worker = [&] {
+  const std::string failure = gpu_test::ParallelCheck(items.size(), [&](size_t n) -> std::string {
     std::vector<float> expected(static_cast<size_t>(G) * dv);
-    for (size_t n = next++; n < items.size() && !failed; n = next++) {
-      const int s = items[n].s, i = items[n].i, h = items[n].h;
-      const HostSeq& d = seqs[s];
-      const int token = cu[s] + i;
-      const int64_t t = c.seqs[s].start + i;
-      ref::NsaBranchRows r;
-      r.kc = ref::KvRows::Contiguous(d.kc.data() + h * d.cmp_rows * dk, dk);
-      r.vc = ref::KvRows::Contiguous(d.vc.data() + h * d.cmp_rows * dv, dv);
-      r.ks = ref::KvRows::Contiguous(d.ks.data() + h * d.rows * dk, dk);
-      r.vs = ref::KvRows::Contiguous(d.vs.data() + h * d.rows * dv, dv);
-      r.kw = c.shared_kv ? r.ks : ref::KvRows::Contiguous(d.kw.data() + h * d.rows * dk, dk);
-      r.vw = c.shared_kv ? r.vs : ref::KvRows::Contiguous(d.vw.data() + h * d.rows * dv, dv);
-      const size_t head0 = static_cast<size_t>(token) * H + static_cast<size_t>(h) * G;
-      const float* qg = q.data() + head0 * dk;
-      const float* gg = gates.data() + head0 * 3;
-      std::vector<int64_t> want;
-      ref::NsaAttention(qg, gg, G, dk, dv, r, t, scale, rg, expected.data(), &want);
-      const int32_t* sg = sel.data() + (static_cast<size_t>(token) * hkv + h) * c.geo.num_selected;
-      std::vector<int64_t> got;
-      bool padding_ok = true;
-      for (int k = 0; k < c.geo.num_selected; ++k) {
-        if (sg[k] >= 0) {
-          if (!padding_ok) got.push_back(-2);  // an id after a -1: invalid
-          got.push_back(sg[k]);
-        } else {
-          padding_ok = false;
-        }
-      }
-      std::ostringstream where;
-      where << "seed " << c.seed << " case " << c.name << " token " << token << " (sequence " << s << ", position " << t
-            << ") KV head " << h;
-      const std::string sel_error = CheckSelection(got, want, c.zero_cmp_keys, qg, G, dk, r, t, scale, rg);
-      if (!sel_error.empty()) {
-        failures[n] = where.str() + ": " + sel_error;
-        failed = true;
-        break;
-      }
-      if (got != want) RefNsaWithBlocks(qg, gg, G, dk, dv, r, t, scale, rg, got, expected.data());
-      const ::testing::AssertionResult ok = gpu_test::AllClose(out.data() + head0 * dv, expected.data(), expected.size(),
-                                                               kAtol, kRtol, where.str() + ", output [G][d_v] of the group");
-      if (!ok) {
-        failures[n] = ok.message();
-        failed = true;
-        break;
+    const int s = items[n].s, i = items[n].i, h = items[n].h;
+    const HostSeq& d = seqs[s];
+    const int token = cu[s] + i;
+    const int64_t t = c.seqs[s].start + i;
+    ref::NsaBranchRows r;
+    r.kc = ref::KvRows::Contiguous(d.kc.data() + h * d.cmp_rows * dk, dk);
+    r.vc = ref::KvRows::Contiguous(d.vc.data() + h * d.cmp_rows * dv, dv);
+    r.ks = ref::KvRows::Contiguous(d.ks.data() + h * d.rows * dk, dk);
+    r.vs = ref::KvRows::Contiguous(d.vs.data() + h * d.rows * dv, dv);
+    r.kw = c.shared_kv ? r.ks : ref::KvRows::Contiguous(d.kw.data() + h * d.rows * dk, dk);
+    r.vw = c.shared_kv ? r.vs : ref::KvRows::Contiguous(d.vw.data() + h * d.rows * dv, dv);
+    const size_t head0 = static_cast<size_t>(token) * H + static_cast<size_t>(h) * G;
+    const float* qg = q.data() + head0 * dk;
+    const float* gg = gates.data() + head0 * 3;
+    std::vector<int64_t> want;
+    ref::NsaAttention(qg, gg, G, dk, dv, r, t, scale, rg, expected.data(), &want);
+    const int32_t* sg = sel.data() + (static_cast<size_t>(token) * hkv + h) * c.geo.num_selected;
+    std::vector<int64_t> got;
+    bool padding_ok = true;
+    for (int k = 0; k < c.geo.num_selected; ++k) {
+      if (sg[k] >= 0) {
+        if (!padding_ok) got.push_back(-2);  // an id after a -1: invalid
+        got.push_back(sg[k]);
+      } else {
+        padding_ok = false;
       }
     }
-  };
-  const size_t workers =
-      std::max<size_t>(1, std::min<size_t>(items.size(), std::max(1u, std::thread::hardware_concurrency())));
-  std::vector<std::thread> threads;
-  for (size_t w = 0; w < workers; ++w) threads.emplace_back(worker);
-  for (std::thread& th : threads) th.join();
-  for (const std::string& f : failures) {
-    ASSERT_TRUE(f.empty()) << f;
-  }
+    std::ostringstream where;
+    where << "seed " << c.seed << " case " << c.name << " token " << token << " (sequence " << s << ", position " << t
+          << ") KV head " << h;
+    const std::string sel_error = CheckSelection(got, want, c.zero_cmp_keys, qg, G, dk, r, t, scale, rg);
+    if (!sel_error.empty()) return where.str() + ": " + sel_error;
+    if (got != want) RefNsaWithBlocks(qg, gg, G, dk, dv, r, t, scale, rg, got, expected.data());
+    const ::testing::AssertionResult ok = gpu_test::AllClose(out.data() + head0 * dv, expected.data(), expected.size(),
+                                                             kAtol, kRtol, where.str() + ", output [G][d_v] of the group");
+    if (!ok) return ok.message();
+    return "";
+  });
+  ASSERT_TRUE(failure.empty()) << failure;
 }
 
 // ---- Decode ----------------------------------------------------------------------------------
