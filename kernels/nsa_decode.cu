@@ -101,13 +101,13 @@ cudaError_t NsaSplitKv(const NsaDecodeParams& p, void* workspace, size_t limit, 
   const int pairs = p.num_seqs * p.num_kv_heads;
   cudaError_t e = detail::AllowDynamicSmem(ns::NsaSelectKernel, select_smem);
   if (e != cudaSuccess) return e;
-  e = sk::LaunchWithPdl(partial, dim3(pairs * plan.k1_splits), dim3(sk::kThreads), partial_smem,
-                        stream, a, ns::kPhaseCompressedWindow);
+  e = sk::LaunchWithPdl(partial, dim3(pairs * plan.cmp_splits), dim3(sk::kThreads), partial_smem, stream, a,
+                        ns::kPhaseCompressed);
   if (e != cudaSuccess) return e;
   e = sk::LaunchWithPdl(ns::NsaSelectKernel, dim3(pairs), dim3(ns::kSelectThreads), select_smem, stream, a);
   if (e != cudaSuccess) return e;
   e = sk::LaunchWithPdl(partial, dim3(pairs * plan.slc_splits), dim3(sk::kThreads), partial_smem, stream, a,
-                        ns::kPhaseSelected);
+                        ns::kPhaseWindowSelected);
   if (e != cudaSuccess) return e;
   return sk::LaunchWithPdl(ns::NsaMergeKernel, dim3(pairs * G), dim3(ns::kMergeThreads), 0, stream, a);
 }

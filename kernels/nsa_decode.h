@@ -97,8 +97,8 @@ bool NsaDecodeSplitKvSupported(int head_dim_qk, int head_dim_v, int group_size);
 // largest batch and context: a launch with a smaller workspace cuts its work into fewer splits.
 size_t NsaDecodeSplitKvWorkspaceBytes(const NsaDecodeParams& params);
 
-// The same attention, split across thread blocks (kernels/nsa_decode_split.cuh: compressed + window
-// attention and block scores, top-n, selected attention, merge with the gated sum; four kernels
+// The same attention, split across thread blocks (kernels/nsa_decode_split.cuh: compressed attention
+// and block scores, top-n, window and selected attention, merge with the gated sum; four kernels
 // chained with programmatic dependent launch, capturable in a CUDA graph). Runs the single-kernel
 // path instead when workspace is null, the shape is not split-KV supported, or workspace_bytes is
 // below what even one split per branch needs. The workspace needs no initialisation; it must not be

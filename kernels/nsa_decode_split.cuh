@@ -2,18 +2,22 @@
 // passes a workspace (kernels/nsa_decode.h). One decode step is four launches, chained with
 // programmatic dependent launch so each one's start overlaps the previous one's tail:
 //
-//   1. NsaPartialKernel (compressed + window phase): CTAs over (sequence, KV head, run) attend a run
-//      of the pair's compressed chunks followed by its window chunks (splitkv::AttendChunks; one wave
-//      of equal runs) and leave a partial softmax state per branch. Compressed chunks are cut at
-//      selection-block boundaries and also load the few earlier compressed tokens that overlap their
-//      first block, so each chunk scores its blocks completely: per head, the log2 of the block's
-//      unnormalised probability mass (lb) goes to the workspace (for l = d = l' it is the score).
+//   1. NsaPartialKernel (compressed phase): CTAs over (sequence, KV head, run) attend a run of the
+//      pair's compressed chunks (splitkv::AttendChunks; one wave of equal runs) and leave a partial
+//      softmax state. Compressed chunks are cut at selection-block boundaries and also load the few
+//      earlier compressed tokens that overlap their first block, so each chunk scores its blocks
+//      completely: per head, the log2 of the block's unnormalised probability mass (lb) goes to the
+//      workspace (for l = d = l' it is the score).
 //   2. NsaSelectKernel: one CTA per (sequence, KV head) merges the compressed splits' (max, sum) into
 //      each head's log-sum-exp, turns lb into normalised block scores summed over the G heads, forces
 //      the fixed blocks, radix-selects the top n (ties to the lower index) and writes the ascending
 //      block ids (workspace and, if asked, params.selected_blocks).
-//   3. NsaPartialKernel (selected phase): CTAs over (sequence, KV head, split) attend the selected
-//      blocks' rows <= t.
+//   3. NsaPartialKernel (window + selected phase): CTAs over (sequence, KV head, split) first attend
+//      their share of the window, which does not depend on the selection: they start (PDL) as soon as
+//      the select kernel has passed its own wait, so the window is read while the select kernel runs
+//      (one latency-bound CTA per pair, the memory system otherwise idle). Then they wait for the
+//      selection and attend their share of the selected blocks' rows <= t. One state per branch.
+//      (Where select CTAs fill an SM's registers, two per SM, the window CTAs start after them.)
 //   4. NsaMergeKernel: one CTA per query head merges each branch's partial states (log-sum-exp
 //      weights) and writes the gated sum: the gate multiplies the merge weights, so the combine costs
 //      nothing extra.
@@ -40,8 +44,8 @@ using nsa_chunks::NumCompressed;
 using splitkv::ChunkRange;
 using splitkv::kRows;
 
-constexpr int kPhaseCompressedWindow = 0;
-constexpr int kPhaseSelected = 1;
+constexpr int kPhaseCompressed = 0;
+constexpr int kPhaseWindowSelected = 1;
 constexpr int kSelectThreads = 512;  // a warp per head of G <= 16 in one round; 2 blocks per thread at 64k
 using splitkv::kMergeThreads;
 
@@ -52,11 +56,13 @@ struct NsaSplitPlan {
   int max_blocks = 0;        // selection blocks of a query at max_context - 1
   int lb_stride = 0;         // floats per (pair, head) row of lb: max_blocks rounded up to 4
   bool score = false;        // some query may have more blocks than n (block scores needed)
-  // Kernel 1 cuts each pair's compressed chunks followed by its window chunks (cmp_chunks + window
-  // chunks, sized for max_context) into k1_splits runs of k1_cps chunks; run s leaves its compressed
-  // part in slot s and its window part in slot k1_splits + s (empty states where it has none).
-  int cmp_chunks = 0, k1_cps = 1, k1_splits = 0;
-  int cmp_splits = 0, win_splits = 0;  // slots of each branch: k1_splits, and k1_splits or 0
+  // Kernel 1 cuts each pair's compressed chunks (sized for max_context) into cmp_splits runs of
+  // cmp_cps chunks. Kernel 3 has slc_splits CTAs per pair; CTA s attends window chunks
+  // [s win_cps, (s + 1) win_cps) when s < win_splits, then selected chunks [s slc_cps, (s + 1) slc_cps).
+  // Slots: compressed run s is slot s, window share s slot cmp_splits + s, selected share s slot
+  // cmp_splits + win_splits + s (empty states where a share has no rows).
+  int cmp_chunks = 0, cmp_cps = 1, cmp_splits = 0;
+  int win_cps = 1, win_splits = 0;
   int slc_cps = 1, slc_splits = 0;
   size_t ml_offset = 0, acc_offset = 0, lb_offset = 0, sel_offset = 0, bytes = 0;
 
@@ -77,10 +83,10 @@ template <int DK, int DV>
 __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const NsaSplitArgs a, int phase) {
   extern __shared__ __align__(16) char smem[];
   using Tile = splitkv::Tile<DK, DV>;
-  // The selected phase starts only once the select kernel has passed its own wait, so everything
-  // before this step (queries, caches, positions) is complete; it waits just before reading the
-  // selection. The compressed + window phase reads the step's inputs right away and waits first.
-  if (phase != kPhaseSelected) WaitForPrerequisiteGrids();
+  // The window + selected phase starts only once the select kernel has passed its own wait, so
+  // everything before this step (queries, caches, positions) is complete; it waits just before
+  // reading the selection. The compressed phase reads the step's inputs right away and waits first.
+  if (phase != kPhaseWindowSelected) WaitForPrerequisiteGrids();
   AllowDependentLaunch();
   const NsaDecodeParams& p = a.p;
   const NsaSplitPlan& plan = a.plan;
@@ -99,7 +105,22 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
   auto same_row = [](int64_t f) { return f; };
   auto no_scores = [](int, const ChunkRange&) {};
 
-  if (phase == kPhaseSelected) {
+  if (phase == kPhaseWindowSelected) {
+    if (item < plan.win_splits) {
+      const int slot = plan.cmp_splits + item;
+      const int64_t begin = MaxI64(0, t - geo.window + 1);
+      const int64_t rows = valid && geo.window > 0 ? t + 1 - begin : 0;
+      const int chunks = static_cast<int>((rows + kRows - 1) / kRows);
+      const int c0 = item * plan.win_cps;
+      const int count = max(0, min(c0 + plan.win_cps, chunks) - c0);
+      auto chunk_of = [=](int c) {
+        const int64_t b = begin + static_cast<int64_t>(c0 + c) * kRows;
+        return ChunkRange{b, b, MinI64(begin + rows, b + kRows)};
+      };
+      const RowSource src = PagedRows(p.shared_kv ? p.selection : p.window, seq, kv_head, DK, DV);
+      splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, count, chunk_of, same_row, smem, splitkv::ScoreSink{},
+                                    no_scores, ps.ml + ps.Index(pair, slot), ps.acc + ps.Index(pair, slot) * DV);
+    }
     const int slot = plan.cmp_splits + plan.win_splits + item;
     const int n = geo.num_selected;
     int32_t* sel = reinterpret_cast<int32_t*>(aux);
@@ -127,64 +148,47 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
     return;
   }
 
-  // Kernel 1: run `item` of the pair's compressed chunks followed by its window chunks.
-  const int v0 = item * plan.k1_cps, v1 = v0 + plan.k1_cps;
-  {
-    const int slot = item;
-    const int64_t nb = valid ? t / lp + 1 : 0;
-    const int64_t nc = valid ? NumCompressed(geo, t) : 0;
-    const int B = plan.blocks_per_chunk;
-    const int chunks = static_cast<int>((nb + B - 1) / B);
-    const int c0 = v0;
-    const int count = max(0, min(min(v1, plan.cmp_chunks), chunks) - c0);
-    const nsa_chunks::TokenGrid grid = nsa_chunks::TokenGrid::Of(geo);
-    auto chunk_of = [=](int c) {
-      int ja, jb;
-      return nsa_chunks::CompressedChunk(geo, grid, B, c0 + c, static_cast<int>(nb), static_cast<int>(nc), &ja, &jb);
-    };
-    const bool scoring = plan.score && nb > geo.num_selected && nc > 0;
-    float* lb_pair = a.lb + static_cast<int64_t>(pair) * G * plan.lb_stride;
-    splitkv::ScoreSink sink;
-    // l = d = l' (FLA): compressed token j is block j and its mass is its own score, so the scores go
-    // straight to lb; a block with no complete compressed token yet (the current one) gets -inf.
-    const bool identity = geo.cmp_block == geo.cmp_stride && geo.cmp_stride == geo.sel_block;
-    if (scoring && identity) {
-      sink.rows = lb_pair;
-      sink.row_stride = plan.lb_stride;
-      const int64_t j_lo = MaxI64(nc, static_cast<int64_t>(c0) * B);
-      const int64_t j_hi = MinI64(nb, static_cast<int64_t>(c0 + count) * B);
-      for (int64_t i = threadIdx.x; i < (j_hi - j_lo) * G; i += splitkv::kThreads) {
-        lb_pair[(i % G) * plan.lb_stride + j_lo + i / G] = -INFINITY;
-      }
-    } else if (scoring) {
-      sink.tile = reinterpret_cast<float*>(aux);
-    }
-    float* tile = sink.tile;
-    // lb[h][j] = log2 sum_i exp2(s_hi) |[i d, i d + l) ∩ [j l', (j+1) l')| / d over the chunk's tokens
-    // overlapping block j, which are all of them (the chunk starts at its first block's first
-    // overlapping token). Token and row indices fit in 32 bits (positions are int32).
-    auto block_masses = [&](int c, const ChunkRange& r) {
-      const int ja = (c0 + c) * B, jb = min(ja + B, static_cast<int>(nb));
-      nsa_chunks::BlockMasses(geo, grid, G, tile, ja, jb - ja, r, lb_pair, plan.lb_stride);
-    };
-    splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
-                                  same_row, smem, sink, block_masses, ps.ml + ps.Index(pair, slot),
-                                  ps.acc + ps.Index(pair, slot) * DV);
-  }
-  if (plan.win_splits == 0) return;
-  const int slot = plan.k1_splits + item;
-  const int64_t begin = MaxI64(0, t - geo.window + 1);
-  const int64_t rows = valid && geo.window > 0 ? t + 1 - begin : 0;
-  const int chunks = static_cast<int>((rows + kRows - 1) / kRows);
-  const int c0 = max(v0 - plan.cmp_chunks, 0);
-  const int count = max(0, min(v1 - plan.cmp_chunks, chunks) - c0);
+  // Kernel 1: run `item` of the pair's compressed chunks.
+  const int slot = item;
+  const int64_t nb = valid ? t / lp + 1 : 0;
+  const int64_t nc = valid ? NumCompressed(geo, t) : 0;
+  const int B = plan.blocks_per_chunk;
+  const int chunks = static_cast<int>((nb + B - 1) / B);
+  const int c0 = item * plan.cmp_cps;
+  const int count = max(0, min(c0 + plan.cmp_cps, chunks) - c0);
+  const nsa_chunks::TokenGrid grid = nsa_chunks::TokenGrid::Of(geo);
   auto chunk_of = [=](int c) {
-    const int64_t b = begin + static_cast<int64_t>(c0 + c) * kRows;
-    return ChunkRange{b, b, MinI64(begin + rows, b + kRows)};
+    int ja, jb;
+    return nsa_chunks::CompressedChunk(geo, grid, B, c0 + c, static_cast<int>(nb), static_cast<int>(nc), &ja, &jb);
   };
-  const RowSource src = PagedRows(p.shared_kv ? p.selection : p.window, seq, kv_head, DK, DV);
-  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, count, chunk_of, same_row, smem, splitkv::ScoreSink{},
-                                no_scores, ps.ml + ps.Index(pair, slot), ps.acc + ps.Index(pair, slot) * DV);
+  const bool scoring = plan.score && nb > geo.num_selected && nc > 0;
+  float* lb_pair = a.lb + static_cast<int64_t>(pair) * G * plan.lb_stride;
+  splitkv::ScoreSink sink;
+  // l = d = l' (FLA): compressed token j is block j and its mass is its own score, so the scores go
+  // straight to lb; a block with no complete compressed token yet (the current one) gets -inf.
+  const bool identity = geo.cmp_block == geo.cmp_stride && geo.cmp_stride == geo.sel_block;
+  if (scoring && identity) {
+    sink.rows = lb_pair;
+    sink.row_stride = plan.lb_stride;
+    const int64_t j_lo = MaxI64(nc, static_cast<int64_t>(c0) * B);
+    const int64_t j_hi = MinI64(nb, static_cast<int64_t>(c0 + count) * B);
+    for (int64_t i = threadIdx.x; i < (j_hi - j_lo) * G; i += splitkv::kThreads) {
+      lb_pair[(i % G) * plan.lb_stride + j_lo + i / G] = -INFINITY;
+    }
+  } else if (scoring) {
+    sink.tile = reinterpret_cast<float*>(aux);
+  }
+  float* tile = sink.tile;
+  // lb[h][j] = log2 sum_i exp2(s_hi) |[i d, i d + l) ∩ [j l', (j+1) l')| / d over the chunk's tokens
+  // overlapping block j, which are all of them (the chunk starts at its first block's first
+  // overlapping token). Token and row indices fit in 32 bits (positions are int32).
+  auto block_masses = [&](int c, const ChunkRange& r) {
+    const int ja = (c0 + c) * B, jb = min(ja + B, static_cast<int>(nb));
+    nsa_chunks::BlockMasses(geo, grid, G, tile, ja, jb - ja, r, lb_pair, plan.lb_stride);
+  };
+  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
+                                same_row, smem, sink, block_masses, ps.ml + ps.Index(pair, slot),
+                                ps.acc + ps.Index(pair, slot) * DV);
 }
 
 // ---- Kernel 2 -------------------------------------------------------------------------------------
@@ -447,7 +451,7 @@ __global__ void __launch_bounds__(kMergeThreads) NsaMergeKernel(const NsaSplitAr
   }
   // Gates and positions are step inputs, complete before this kernel could start: it starts only
   // after every selected-phase CTA started, which happens only after the select kernel passed its
-  // wait, i.e. after the compressed + window kernel (which waited for the step's inputs) completed.
+  // wait, i.e. after the compressed kernel (which waited for the step's inputs) completed.
   // The partial states need the wait.
   const void* gates = GatesAt(p.gates, p.gate_dtype, head);
   // Slot order is (compressed, window, selected); the gates are stored (cmp, slc, win).
@@ -490,21 +494,22 @@ inline bool MakeNsaSplitPlan(const NsaDecodeParams& p, int dv, int ctas_per_wave
   const int win_chunks = geo.window > 0 ? CeilDiv(geo.window < p.max_context ? geo.window : p.max_context, kRows) : 0;
   const int slc_chunks = CeilDiv(static_cast<int64_t>(n < plan.max_blocks ? n : plan.max_blocks) * geo.sel_block, kRows);
   plan.cmp_chunks = cmp_chunks;
-  // Kernel 1 and 3: one wave of CTAs, each pair's chunks cut into equal runs (a run may cross from
-  // the compressed chunks into the window chunks); fewer, longer runs when the workspace is short.
-  const int k1_base = splitkv::ChunksPerSplitOneWave(cmp_chunks + win_chunks, pairs, ctas_per_wave, forced_cps);
+  // Kernels 1 and 3: one wave of CTAs each, each pair's chunks cut into equal runs; kernel 3 spreads
+  // the window over the CTAs that attend the selected blocks. Fewer, longer runs when the workspace
+  // is short.
+  const int cmp_base = splitkv::ChunksPerSplitOneWave(cmp_chunks, pairs, ctas_per_wave, forced_cps);
   const int slc_base = splitkv::ChunksPerSplitOneWave(slc_chunks, pairs, ctas_per_wave, forced_cps);
   for (int64_t coarsen = 1;; coarsen *= 2) {
     auto cps = [&](int base, int chunks) {
       const int64_t c = base * coarsen;
       return static_cast<int>(c < chunks ? c : (chunks > 0 ? chunks : 1));
     };
-    plan.k1_cps = cps(k1_base, cmp_chunks + win_chunks);
+    plan.cmp_cps = cps(cmp_base, cmp_chunks);
     plan.slc_cps = cps(slc_base, slc_chunks);
-    plan.k1_splits = CeilDiv(cmp_chunks + win_chunks, plan.k1_cps);
-    plan.cmp_splits = plan.k1_splits;
-    plan.win_splits = win_chunks > 0 ? plan.k1_splits : 0;
+    plan.cmp_splits = CeilDiv(cmp_chunks, plan.cmp_cps);
     plan.slc_splits = CeilDiv(slc_chunks, plan.slc_cps);
+    plan.win_cps = win_chunks > 0 ? CeilDiv(win_chunks, plan.slc_splits) : 1;
+    plan.win_splits = win_chunks > 0 ? CeilDiv(win_chunks, plan.win_cps) : 0;
     const size_t states = static_cast<size_t>(pairs) * plan.Slots() * G;
     plan.ml_offset = 0;
     plan.acc_offset = AlignUp(states * sizeof(float2));
@@ -512,7 +517,7 @@ inline bool MakeNsaSplitPlan(const NsaDecodeParams& p, int dv, int ctas_per_wave
     plan.sel_offset = plan.lb_offset + (plan.score ? AlignUp(static_cast<size_t>(pairs) * G * plan.lb_stride * 4) : 0);
     plan.bytes = plan.sel_offset + AlignUp(static_cast<size_t>(pairs) * n * 4);
     if (plan.bytes <= limit) break;
-    if (plan.k1_splits <= 1 && plan.slc_splits <= 1) return false;
+    if (plan.cmp_splits <= 1 && plan.slc_splits <= 1) return false;
   }
   *out = plan;
   return true;

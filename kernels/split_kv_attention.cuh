@@ -610,7 +610,7 @@ __device__ void MergeBranches(const PartialStates& ps, int pair, int h, const in
 __host__ inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 __host__ inline size_t AlignUp(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 
-// Chunks per split when every pair has about `chunks` chunks (dense decode; NSA compressed + window;
+// Chunks per split when every pair has about `chunks` chunks (dense decode; NSA compressed chunks;
 // NSA selected rows), or `forced` (> 0): one full wave of `ctas_per_wave` CTAs split evenly over
 // `pairs`, so that all CTAs run at once, each streams a long run (its start-up latency is paid once),
 // and they finish together. Never more than kMaxSplits splits. Sequences much shorter than
