@@ -10,8 +10,9 @@
 //      workspace (for l = d = l' it is the score).
 //   2. NsaSelectKernel: one CTA per (sequence, KV head) merges the compressed splits' (max, sum) into
 //      each head's log-sum-exp, turns lb into normalised block scores summed over the G heads, forces
-//      the fixed blocks, radix-selects the top n (ties to the lower index) and writes the ascending
-//      block ids (workspace and, if asked, params.selected_blocks).
+//      the fixed blocks, selects the top n (ties to the lower index; by a threshold and the ranks of
+//      the few keys above it, or a radix select when many keys tie) and writes the ascending block
+//      ids (workspace and, if asked, params.selected_blocks).
 //   3. NsaPartialKernel (window + selected phase): CTAs over (sequence, KV head, split) first attend
 //      their share of the window, which does not depend on the selection: they start (PDL) as soon as
 //      the select kernel has passed its own wait, so the window is read while the select kernel runs
@@ -298,10 +299,80 @@ __device__ void ForEachKey(uint32_t* keys, int lo, int hi, uint32_t prefix, int 
   }
 }
 
+constexpr int kSelectWarps = kSelectThreads / kWarpSize;
+
+// Shared memory of ThresholdTopN.
+struct ThresholdScratch {
+  uint64_t cand[kSelectThreads];  // candidate keys
+  uint64_t warp_max[kSelectWarps];
+  uint64_t tau;
+  int count;
+};
+
+// The n <= kSelectWarps largest of keys[0, nb) (nb > n), ties to the lower block id, written in block
+// order to ws_sel (and pub), when few keys come near them; false (on every thread, nothing written)
+// when more than kSelectThreads do, for the radix select to handle. Block j's 64-bit key is its key
+// above ~j: all distinct, and a tie goes to the lower id. The n-th largest of the warps' maxima (n
+// distinct keys) is at most the n-th largest key, so the keys at or above it are candidates that
+// include the answer; each candidate is ranked against the others. Four barriers and one pass over
+// the keys (a radix select makes four passes with ~20 barriers); the candidates are a handful for real
+// scores, and all blocks when every score ties. Every thread of the block must call it.
+__device__ inline bool ThresholdTopN(const uint32_t* keys, int nb, int n, ThresholdScratch& s, int32_t* ws_sel,
+                                     int32_t* pub) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  auto key = [&](int j) { return (static_cast<uint64_t>(keys[j]) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j)); };
+  uint64_t m = 0;  // below every key
+  for (int j = threadIdx.x; j < nb; j += kSelectThreads) m = max(m, key(j));
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) s.warp_max[warp] = m;
+  if (threadIdx.x == 0) s.count = 0;
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < kSelectWarps) {  // the n-th largest maximum
+    const uint64_t x = s.warp_max[threadIdx.x];
+    int position = 0;  // in descending order, equal maxima by warp
+#pragma unroll
+    for (int i = 0; i < kSelectWarps; ++i) {
+      position += s.warp_max[i] > x || (s.warp_max[i] == x && i < static_cast<int>(threadIdx.x));
+    }
+    if (position == n - 1) s.tau = x;
+  }
+  __syncthreads();
+  const uint64_t tau = s.tau;
+  for (int j = threadIdx.x; j < nb; j += kSelectThreads) {
+    const uint64_t k = key(j);
+    if (k >= tau) {
+      const int at = atomicAdd(&s.count, 1);
+      if (at < kSelectThreads) s.cand[at] = k;
+    }
+  }
+  __syncthreads();
+  const int count = s.count;
+  if (count > kSelectThreads) return false;
+  // Candidate t's rank among the candidates; the n best go to slots 0..n-1 (their ids, in warp_max).
+  int32_t* ids = reinterpret_cast<int32_t*>(s.warp_max);
+  if (static_cast<int>(threadIdx.x) < count) {
+    const uint64_t c = s.cand[threadIdx.x];
+    int rank = 0;
+    for (int i = 0; i < count; ++i) rank += s.cand[i] > c;
+    if (rank < n) ids[rank] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(c));
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < n) {  // ascending ids
+    const int32_t id = ids[threadIdx.x];
+    int rank = 0;
+    for (int i = 0; i < n; ++i) rank += ids[i] < id;
+    ws_sel[rank] = id;
+    if (pub != nullptr) pub[rank] = id;
+  }
+  return true;
+}
+
 // Dynamic shared memory: keys [max_blocks] u32, lse [G] f32.
 __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplitArgs a) {
   extern __shared__ __align__(16) char smem[];
   __shared__ int scratch[kSelectThreads / kWarpSize];
+  __shared__ ThresholdScratch threshold;
   const NsaDecodeParams& p = a.p;
   const NsaKernelGeometry& geo = p.geometry;
   const int pair = blockIdx.x, seq = pair / p.num_kv_heads;
@@ -398,8 +469,10 @@ __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplit
   // blocks before the current block's chunk and the best C/2 of that chunk survive, and the n
   // slots go to the best survivors (fewer when fewer survive).
   const int C = geo.topk_merge_chunk;
+  const bool chunked = C > 0 && n > C / 2 && current >= C;
+  if (!chunked && n <= kSelectWarps && ThresholdTopN(keys, nb, n, threshold, ws_sel, pub)) return;
   int take = n;
-  if (C > 0 && n > C / 2 && current >= C) {
+  if (chunked) {
     const int chunk_start = static_cast<int>(current / C * C);
     uint32_t prefix[2];
     int need[2];
