@@ -52,6 +52,7 @@ ABSL_FLAG(std::vector<std::string>, geometries, std::vector<std::string>({"paper
 ABSL_FLAG(std::vector<std::string>, contexts,
           std::vector<std::string>({"8192", "16384", "32768", "65536", "131072"}), "context lengths");
 ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "8", "32", "64"}), "batch sizes");
+ABSL_FLAG(int, page_rows, 64, "tokens per KV cache page (each K or V page of a KV head is page_rows contiguous rows)");
 ABSL_FLAG(int, trials, 15, "timed graph launches per configuration and path (the median is reported)");
 ABSL_FLAG(double, graph_ms, 4.0, "about how long one timed graph of calls runs");
 ABSL_FLAG(int64_t, rotation_mb, 256, "distinct bytes the calls of a graph read before repeating (L2: 50 MB)");
@@ -80,6 +81,8 @@ using kernels::PagedKvCache;
     }                                                                                              \
   } while (0)
 
+int PageRows() { return absl::GetFlag(FLAGS_page_rows); }
+
 struct Geometry {
   std::string name;
   int dk, dv, kv_heads, group;
@@ -89,7 +92,6 @@ struct Geometry {
 
 const Geometry kPaper{"paper", 192, 128, 4, 16, {32, 16, 64, 16, 1, 2, 512}, false};
 const Geometry kFla{"fla", 64, 64, 4, 16, {64, 64, 64, 16, 1, 2, 512}, true};
-constexpr int kPageRows = 64;
 
 int64_t NumCompressed(const NsaKernelGeometry& g, int64_t t) {
   return t + 1 < g.cmp_block ? 0 : (t + 1 - g.cmp_block) / g.cmp_stride + 1;
@@ -135,7 +137,7 @@ Pool MakePool(int batch, int kv_heads, int pages_per_seq, int ring_pages, int dk
               uint64_t seed, cudaStream_t stream) {
   Pool pool;
   const int64_t pages = static_cast<int64_t>(batch) * pages_per_seq;
-  const int64_t k_page = static_cast<int64_t>(kv_heads) * kPageRows * dk, v_page = static_cast<int64_t>(kv_heads) * kPageRows * dv;
+  const int64_t k_page = static_cast<int64_t>(kv_heads) * PageRows() * dk, v_page = static_cast<int64_t>(kv_heads) * PageRows() * dv;
   pool.k = DeviceBuffer(pages * k_page * 2);
   pool.v = DeviceBuffer(pages * v_page * 2);
   BENCH_CHECK(FillUniformBf16(pool.k.get(), pages * k_page, -k_range, k_range, seed, stream));
@@ -153,7 +155,7 @@ Pool MakePool(int batch, int kv_heads, int pages_per_seq, int ring_pages, int dk
   c.v_page_stride = v_page;
   c.page_table = static_cast<const int32_t*>(pool.table.get());
   c.table_stride = pages_per_seq;
-  c.page_rows = kPageRows;
+  c.page_rows = PageRows();
   c.ring_pages = ring_pages;
   return pool;
 }
@@ -164,11 +166,11 @@ struct Copy {
   DeviceBuffer q, gates;
 };
 
-int PagesFor(int64_t rows) { return static_cast<int>((rows + kPageRows - 1) / kPageRows); }
+int PagesFor(int64_t rows) { return static_cast<int>((rows + PageRows() - 1) / PageRows()); }
 int RingPages(const Geometry& g) { return PagesFor(g.nsa.window) + 1; }
 
 int64_t CopyBytes(const Geometry& g, int64_t ctx, int batch) {
-  const int64_t row = static_cast<int64_t>(g.dk + g.dv) * 2 * g.kv_heads * kPageRows;
+  const int64_t row = static_cast<int64_t>(g.dk + g.dv) * 2 * g.kv_heads * PageRows();
   int64_t pages = PagesFor(ctx) + PagesFor(NumCompressed(g.nsa, ctx - 1));
   if (!g.shared_kv) pages += RingPages(g);
   const int64_t heads = static_cast<int64_t>(g.kv_heads) * g.group;
@@ -634,7 +636,7 @@ int Main() {
     const std::string json_path = absl::GetFlag(FLAGS_json);
     if (absl::GetFlag(FLAGS_nsa_prefill)) {
       std::printf("device: %s, %d SMs; NSA prefill of one %d-token chunk, batch 1, pages of %d rows\n", prop.name,
-                  prop.multiProcessorCount, chunk, kPageRows);
+                  prop.multiProcessorCount, chunk, PageRows());
       std::printf("tc: the tensor-core path; simple: the one-block-per-(token, KV head) scalar kernel; dense: dense\n"
                   "prefill of the same shape; keys/q: keys each (token, KV head) attends (cmp + slc + win), mean\n");
       std::printf("%-6s %7s %6s %10s %12s %10s %10s %11s %10s\n", "geom", "context", "chunk", "tc ms", "simple ms",
@@ -655,7 +657,7 @@ int Main() {
       return 0;
     }
     std::printf("device: %s, %d SMs; dense prefill of one %d-token chunk, batch 1, pages of %d rows\n", prop.name,
-                prop.multiProcessorCount, chunk, kPageRows);
+                prop.multiProcessorCount, chunk, PageRows());
     std::printf("prefill: the tensor-core path (P as bf16 hi + lo); P bf16: the same with prefill_p_bf16; simple: the\n"
                 "one-block-per-(token, KV head) kernel; speedup = simple / prefill\n");
     std::printf("%-7s %6s %7s %7s %6s %10s %8s %10s %8s %12s %8s %10s\n", "geom", "H/Hkv", "dk/dv", "context", "chunk",
