@@ -655,6 +655,18 @@ TEST(NsaDecodeSplitKvGpuTest, LargeGroups) {
   }
 }
 
+// Selected blocks in pages shorter than a block (8 and 32 rows: 8 and 2 pages per block) and longer
+// (128 rows: two blocks per page).
+TEST(NsaDecodeSplitKvGpuTest, SelectionPageSizes) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  for (int page_rows : {8, 32, 128}) {
+    NsaCase c{"paper d64 G16 ring pages" + std::to_string(page_rows), PaperGeometry(), 64, 64, 2, 16, false,
+              DecodeAt({1087, 3000, 9000}), page_rows, 32};
+    c.seed = 1800 + page_rows;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+  }
+}
+
 TEST(NsaDecodeSplitKvGpuTest, TiesGoToLowerBlockIndex) {
   NEEDLE_SKIP_WITHOUT_GPU();
   std::vector<NsaCase> cases = {
