@@ -98,13 +98,22 @@ absl::Status CheckModelSupported(const ModelConfig& m) {
 }
 
 int64_t DeviceWeightBytes(const ModelConfig& model) {
-  int64_t elems = 0;
+  int64_t elems = 0, tensors = 0;
   for (const TensorSpec& spec : TensorSpecs(model)) {
     int64_t n = 1;
     for (int64_t d : spec.shape) n *= d;
     elems += n;
+    ++tensors;
   }
-  return elems * static_cast<int64_t>(sizeof(bf16));
+  // The fused projection's rows beyond its parts' (zero padding between them), in weights and bias.
+  const FusedProjection f = FusedProjection::For(model);
+  const int64_t kw = int64_t{model.num_kv_heads} * model.head_dim_qk, vw = int64_t{model.num_kv_heads} * model.head_dim_v;
+  int64_t parts = f.gate >= 0 ? 3 * int64_t{model.num_heads} : 0;
+  for (int b = 0; b < 3; ++b) parts += (f.k[b] >= 0 ? kw : 0) + (f.v[b] >= 0 ? vw : 0);
+  elems += (f.width - parts) * (model.hidden_size + 1) * model.num_layers;
+  // Each tensor, and the fused bias of each layer, rounded up to kTensorAlign bytes at most.
+  const int64_t aligned = tensors + model.num_layers;
+  return elems * static_cast<int64_t>(sizeof(bf16)) + aligned * static_cast<int64_t>(kTensorAlign);
 }
 
 absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Upload(const ModelWeights& w) {

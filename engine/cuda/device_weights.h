@@ -109,7 +109,9 @@ class DeviceWeights {
 // UNIMPLEMENTED naming the reason otherwise. Host only.
 absl::Status CheckModelSupported(const ModelConfig& model);
 
-// Bytes of bf16 weights the model takes on the device (an estimate for sizing the KV pools).
+// Bytes of bf16 weights the model takes on the device, for sizing the KV pools: the checkpoint's
+// tensors plus the fused projection's padding rows (and padded bias), plus each tensor's alignment in
+// the arena at most. An upper bound on DeviceWeights::bytes(), by at most the alignment.
 int64_t DeviceWeightBytes(const ModelConfig& model);
 
 }  // namespace needle::engine::cuda

@@ -439,6 +439,24 @@ TEST(CudaExecutorErrors, UnsupportedModelsAreRefusedAtLoad) {
 // Host only: the fused input projection's layout (device_weights.h). Every part a model needs is
 // there, starts 16-byte aligned and overlaps no other; nsa-paper's window keys sit right after the
 // selection keys (one RoPE launch covers both).
+// The KV pools are sized from DeviceWeightBytes before the weights are uploaded: it must not count
+// fewer bytes than the upload takes (the fused projection's padding rows, the arena's alignment), and
+// not many more.
+TEST(DeviceWeights, WeightBytesBoundTheUpload) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  for (const char* name : {"tiny-nsa", "tiny-nsa-paper", "tiny-llama", "tiny-nsa-qkvbias", "tiny-llama-tied",
+                           "tiny-llama-nsa", "demo"}) {
+    SCOPED_TRACE(name);
+    auto w = MakePresetWeights(name, 1);
+    ASSERT_TRUE(w.ok()) << w.status();
+    auto dw = DeviceWeights::Upload(*w);
+    ASSERT_TRUE(dw.ok()) << dw.status();
+    const int64_t estimate = DeviceWeightBytes(w->config), actual = static_cast<int64_t>((*dw)->bytes());
+    EXPECT_GE(estimate, actual);
+    EXPECT_LE(estimate, actual + actual / 10 + (int64_t{1} << 20));
+  }
+}
+
 TEST(FusedProjection, LayoutOfEveryPreset) {
   for (const char* name : {"tiny-nsa", "tiny-nsa-paper", "tiny-llama", "tiny-nsa-qkvbias", "tiny-llama-tied",
                            "tiny-llama-nsa", "demo", "paper-nsa", "paper-dense", "fla-nsa"}) {
