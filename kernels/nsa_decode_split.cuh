@@ -107,6 +107,9 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
   auto no_scores = [](int, const ChunkRange&) {};
 
   if (phase == kPhaseWindowSelected) {
+    // The queries are step inputs (complete, see above): loaded now, they are not one more round trip
+    // after the wait for the selection.
+    const splitkv::QueryFragments<DK> qf = splitkv::LoadGroupQuery<DK>(q, G);
     if (item < plan.win_splits) {
       const int slot = plan.cmp_splits + item;
       const int64_t begin = MaxI64(0, t - geo.window + 1);
@@ -119,7 +122,7 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
         return ChunkRange{b, b, MinI64(begin + rows, b + kRows)};
       };
       const RowSource src = PagedRows(p.shared_kv ? p.selection : p.window, seq, kv_head, DK, DV);
-      splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, count, chunk_of, same_row, smem, splitkv::ScoreSink{},
+      splitkv::AttendChunks<DK, DV>(qf, G, scale_log2, src, count, chunk_of, same_row, smem, splitkv::ScoreSink{},
                                     no_scores, ps.ml + ps.Index(pair, slot), ps.acc + ps.Index(pair, slot) * DV);
     }
     const int slot = plan.cmp_splits + plan.win_splits + item;
@@ -143,7 +146,7 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
       const int i = static_cast<int>(f), b = i / static_cast<int>(lp);
       return static_cast<int64_t>(sel[b]) * lp + (i - b * static_cast<int>(lp));
     };
-    splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.selection, seq, kv_head, DK, DV), count, chunk_of,
+    splitkv::AttendChunks<DK, DV>(qf, G, scale_log2, PagedRows(p.selection, seq, kv_head, DK, DV), count, chunk_of,
                                   selected_row, smem, splitkv::ScoreSink{}, no_scores, ps.ml + ps.Index(pair, slot),
                                   ps.acc + ps.Index(pair, slot) * DV);
     return;

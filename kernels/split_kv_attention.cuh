@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/attention_common.cuh"
 #include "kernels/split_kv_tile.cuh"
@@ -429,15 +430,31 @@ __device__ __forceinline__ void ComputeChunkRows(const char* smem, int stage, co
   }
 }
 
+// A warp's query fragments as AttendChunks uses them (its head tile of the group), loaded ahead of
+// the call when the caller has something to overlap them with.
+template <int DK>
+struct QueryFragments {
+  uint32_t f[DK / 16][4];
+};
+
+template <int DK>
+__device__ __forceinline__ QueryFragments<DK> LoadGroupQuery(const bf16* q_group, int G) {
+  QueryFragments<DK> q;
+  LoadQueryFragments<DK>(q_group, G, static_cast<int>(threadIdx.x / kWarpSize) % HeadTiles(G),
+                         static_cast<int>(threadIdx.x % kWarpSize), q.f);
+  return q;
+}
+
 // The CTA's whole job: attend the G heads of q_group ([G][DK], bf16) over chunks 0..num_chunks-1
 // (chunk_of(c) -> ChunkRange; row_of(entry) -> row of `src`) and write the merged partial state of
 // the CTA to ml_out [G] / acc_out [G][DV]. Scores go to `scores` (ScoreSink; for `rows`, entry e of
 // the row list lands at column e); with a tile, after each chunk's scores are in it the CTA
 // synchronises and calls after_chunk(c, range) on every thread. Every thread must call it; it may be
 // called again on the same shared memory. smem: Tile<DK, DV>::kAuxOffset bytes, then the caller's
-// auxiliary region.
-template <int DK, int DV, class ChunkOf, class RowOf, class AfterChunk>
-__device__ void AttendChunks(const bf16* q_group, int G, float scale_log2, const RowSource& src, int num_chunks,
+// auxiliary region. Query: `const bf16*` (q_group, loaded once the first chunks' copies are issued)
+// or QueryFragments<DK> from LoadGroupQuery (already loaded).
+template <int DK, int DV, class Query, class ChunkOf, class RowOf, class AfterChunk>
+__device__ void AttendChunks(const Query& query, int G, float scale_log2, const RowSource& src, int num_chunks,
                              ChunkOf chunk_of, RowOf row_of, char* smem, const ScoreSink& scores,
                              AfterChunk after_chunk, float2* ml_out, float* acc_out) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -455,7 +472,15 @@ __device__ void AttendChunks(const bf16* q_group, int G, float scale_log2, const
   // Two chunks in flight: chunk c + 2 is issued as soon as chunk c's stage has been consumed.
   for (int c = 0; c < num_chunks && c < kStages; ++c) IssueChunk<DK, DV>(smem, c, src, row_of, chunk_of(c));
   uint32_t qf[DK / 16][4];
-  LoadQueryFragments<DK>(q_group, G, mt, lane, qf);
+  if constexpr (std::is_same_v<Query, QueryFragments<DK>>) {
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) qf[kk][i] = query.f[kk][i];
+    }
+  } else {
+    LoadQueryFragments<DK>(query, G, mt, lane, qf);
+  }
   for (int c = 0; c < num_chunks; ++c) {
     const ChunkRange r = chunk_of(c);
     if (c + 1 < num_chunks) {
