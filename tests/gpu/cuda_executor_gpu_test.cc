@@ -436,9 +436,6 @@ TEST(CudaExecutorErrors, UnsupportedModelsAreRefusedAtLoad) {
   EXPECT_EQ(CheckModelSupported(shared_mlp).code(), absl::StatusCode::kUnimplemented);
 }
 
-// Host only: the fused input projection's layout (device_weights.h). Every part a model needs is
-// there, starts 16-byte aligned and overlaps no other; nsa-paper's window keys sit right after the
-// selection keys (one RoPE launch covers both).
 // The KV pools are sized from DeviceWeightBytes before the weights are uploaded: it must not count
 // fewer bytes than the upload takes (the fused projection's padding rows, the arena's alignment), and
 // not many more.
@@ -457,6 +454,9 @@ TEST(DeviceWeights, WeightBytesBoundTheUpload) {
   }
 }
 
+// Host only: the fused input projection's layout (device_weights.h). Every part a model needs is
+// there, starts 16-byte aligned and overlaps no other; nsa-paper's window keys sit right after the
+// selection keys (one RoPE launch covers both).
 TEST(FusedProjection, LayoutOfEveryPreset) {
   for (const char* name : {"tiny-nsa", "tiny-nsa-paper", "tiny-llama", "tiny-nsa-qkvbias", "tiny-llama-tied",
                            "tiny-llama-nsa", "demo", "paper-nsa", "paper-dense", "fla-nsa"}) {
