@@ -52,6 +52,7 @@ FusedProjection FusedProjection::For(const ModelConfig& m) {
   auto place = [&](int64_t* col, int64_t n) {
     *col = f.width;
     f.width += AlignUp(n, kFusedAlign);
+    f.padding += AlignUp(n, kFusedAlign) - n;
   };
   if (nsa) place(&f.gate, 3 * H);
   place(&f.k[kSlc], kw);
@@ -105,12 +106,8 @@ int64_t DeviceWeightBytes(const ModelConfig& model) {
     elems += n;
     ++tensors;
   }
-  // The fused projection's rows beyond its parts' (zero padding between them), in weights and bias.
-  const FusedProjection f = FusedProjection::For(model);
-  const int64_t kw = int64_t{model.num_kv_heads} * model.head_dim_qk, vw = int64_t{model.num_kv_heads} * model.head_dim_v;
-  int64_t parts = f.gate >= 0 ? 3 * int64_t{model.num_heads} : 0;
-  for (int b = 0; b < 3; ++b) parts += (f.k[b] >= 0 ? kw : 0) + (f.v[b] >= 0 ? vw : 0);
-  elems += (f.width - parts) * (model.hidden_size + 1) * model.num_layers;
+  // The fused projection's padding rows, in weights and bias.
+  elems += FusedProjection::For(model).padding * (model.hidden_size + 1) * model.num_layers;
   // Each tensor, and the fused bias of each layer, rounded up to kTensorAlign bytes at most.
   const int64_t aligned = tensors + model.num_layers;
   return elems * static_cast<int64_t>(sizeof(bf16)) + aligned * static_cast<int64_t>(kTensorAlign);

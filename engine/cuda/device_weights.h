@@ -40,6 +40,7 @@ struct FusedProjection {
   int64_t gate = -1;              // g_proj's 3H logits (NSA)
   int64_t k[3] = {-1, -1, -1};    // branch b's H_kv*d_k keys (Branch order cmp, slc, win)
   int64_t v[3] = {-1, -1, -1};    // branch b's H_kv*d_v values
+  int64_t padding = 0;            // zero rows between the parts (width minus the parts' rows)
 
   // The fused matrix of `model`: the selection branch (the shared K/V, or llama's), the window branch
   // when it has a ring of its own (independent K/V, w > 0), the compression branch when the MLP

@@ -486,6 +486,9 @@ TEST(FusedProjection, LayoutOfEveryPreset) {
     expect_part(f.v[kCmp], vw, mlp, "v cmp");
     std::sort(parts.begin(), parts.end());
     for (size_t i = 1; i < parts.size(); ++i) EXPECT_LE(parts[i - 1].second, parts[i].first);
+    int64_t used = 0;
+    for (const auto& [begin, end] : parts) used += end - begin;
+    EXPECT_EQ(f.padding, f.width - used);
     if (f.k[kWin] >= 0 && kw % 8 == 0) {
       EXPECT_EQ(f.k[kWin], f.k[kSlc] + kw);
     }
