@@ -7,7 +7,8 @@
 //   thread block per (64 (token, head) rows of a sequence, KV head), FlashAttention-2 style;
 // - split-KV decode: DensePartialKernel cuts rows 0..t of each (sequence, KV head) into splits of
 //   64-row chunks, one thread block each (kernels/split_kv_attention.cuh: GQA-packed tensor-core
-//   tiles, cp.async pipeline), and DenseMergeKernel merges the splits' softmax states per query head.
+//   tiles, cp.async pipeline), and DenseMergeKernel merges the splits' softmax states per query head
+//   (several heads of a pair per CTA when there are many pairs).
 #include "kernels/dense_attention.h"
 
 #include <cstdint>
@@ -21,8 +22,9 @@ namespace {
 namespace sk = detail::splitkv;
 
 struct DenseSplitPlan {
-  int cps = 1;     // chunks per split
-  int splits = 0;  // splits per (sequence, KV head)
+  int cps = 1;          // chunks per split
+  int splits = 0;       // splits per (sequence, KV head)
+  int merge_heads = 1;  // query heads per merge CTA (splitkv::MergeHeadsPerCta)
   size_t acc_offset = 0, bytes = 0;
 };
 
@@ -60,22 +62,21 @@ __global__ void __launch_bounds__(sk::kThreads, 2) DensePartialKernel(const Dens
 }
 
 __global__ void __launch_bounds__(sk::kMergeThreads) DenseMergeKernel(const DenseSplitArgs a) {
-  __shared__ float weights[sk::kMaxSplits];
-  __shared__ __align__(16) float reduce[sk::kMergeThreads * 4];
+  __shared__ float gate[sk::kMergeMaxHeads];
   detail::WaitForPrerequisiteGrids();
   const DenseAttentionParams& p = a.p;
-  const int G = p.num_heads / p.num_kv_heads;
-  const int pair = blockIdx.x / G, h = blockIdx.x % G;
+  const int G = p.num_heads / p.num_kv_heads, heads = a.plan.merge_heads, per_pair = G / heads;
+  const int pair = blockIdx.x / per_pair, h0 = (blockIdx.x % per_pair) * heads;
   const int seq = pair / p.num_kv_heads, kv_head = pair % p.num_kv_heads;
   __nv_bfloat16* out =
-      p.out + (static_cast<int64_t>(seq) * p.num_heads + static_cast<int64_t>(kv_head) * G + h) * p.head_dim_v;
+      p.out + (static_cast<int64_t>(seq) * p.num_heads + static_cast<int64_t>(kv_head) * G + h0) * p.head_dim_v;
   if (p.start_pos[seq] >= p.max_context) {
-    for (int c = threadIdx.x; c < p.head_dim_v; c += blockDim.x) out[c] = __float2bfloat16(NAN);
+    for (int c = threadIdx.x; c < heads * p.head_dim_v; c += blockDim.x) out[c] = __float2bfloat16(NAN);
     return;
   }
+  if (static_cast<int>(threadIdx.x) < heads) gate[threadIdx.x] = 1.0f;
   const int begin[2] = {0, a.plan.splits};
-  const float gate[1] = {1.0f};
-  sk::MergeBranches<1>(a.states, pair, h, begin, gate, weights, reduce, out);
+  sk::MergeBranches<1>(a.states, pair, h0, heads, begin, gate, out);
 }
 
 template <int DK, int DV>
@@ -290,6 +291,7 @@ cudaError_t DenseSplitKv(const DenseAttentionParams& p, void* workspace, size_t 
   *bytes = plan.bytes;
   *planned = true;
   if (workspace == nullptr) return cudaSuccess;
+  plan.merge_heads = sk::MergeHeadsPerCta(G, DV, plan.splits);
   DenseSplitArgs a;
   a.p = p;
   a.plan = plan;
@@ -301,7 +303,8 @@ cudaError_t DenseSplitKv(const DenseAttentionParams& p, void* workspace, size_t 
   const cudaError_t e =
       sk::LaunchWithPdl(partial, dim3(static_cast<unsigned>(pairs * plan.splits)), dim3(sk::kThreads), smem, stream, a);
   if (e != cudaSuccess) return e;
-  return sk::LaunchWithPdl(DenseMergeKernel, dim3(static_cast<unsigned>(pairs * G)), dim3(sk::kMergeThreads), 0, stream, a);
+  return sk::LaunchWithPdl(DenseMergeKernel, dim3(static_cast<unsigned>(pairs * (G / plan.merge_heads))),
+                           dim3(sk::kMergeThreads), 0, stream, a);
 }
 
 template <int DK, int DV>

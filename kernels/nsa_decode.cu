@@ -87,6 +87,8 @@ cudaError_t NsaSplitKv(const NsaDecodeParams& p, void* workspace, size_t limit, 
   *planned = true;
   if (workspace == nullptr) return cudaSuccess;
 
+  const int pairs = p.num_seqs * p.num_kv_heads;
+  plan.merge_heads = sk::MergeHeadsPerCta(G, DV, plan.Slots());
   ns::NsaSplitArgs a;
   a.p = p;
   a.plan = plan;
@@ -98,7 +100,6 @@ cudaError_t NsaSplitKv(const NsaDecodeParams& p, void* workspace, size_t limit, 
   a.states.dv = DV;
   a.lb = plan.score ? reinterpret_cast<float*>(ws + plan.lb_offset) : nullptr;
   a.sel = reinterpret_cast<int32_t*>(ws + plan.sel_offset);
-  const int pairs = p.num_seqs * p.num_kv_heads;
   cudaError_t e = detail::AllowDynamicSmem(ns::NsaSelectKernel, select_smem);
   if (e != cudaSuccess) return e;
   e = sk::LaunchWithPdl(partial, dim3(pairs * plan.cmp_splits), dim3(sk::kThreads), partial_smem, stream, a,
@@ -109,7 +110,8 @@ cudaError_t NsaSplitKv(const NsaDecodeParams& p, void* workspace, size_t limit, 
   e = sk::LaunchWithPdl(partial, dim3(pairs * plan.slc_splits), dim3(sk::kThreads), partial_smem, stream, a,
                         ns::kPhaseWindowSelected);
   if (e != cudaSuccess) return e;
-  return sk::LaunchWithPdl(ns::NsaMergeKernel, dim3(pairs * G), dim3(ns::kMergeThreads), 0, stream, a);
+  return sk::LaunchWithPdl(ns::NsaMergeKernel, dim3(pairs * (G / plan.merge_heads)), dim3(ns::kMergeThreads), 0, stream,
+                           a);
 }
 
 cudaError_t LaunchSingleKernel(const NsaDecodeParams& p, cudaStream_t stream) {

@@ -19,9 +19,9 @@
 //      (one latency-bound CTA per pair, the memory system otherwise idle). Then they wait for the
 //      selection and attend their share of the selected blocks' rows <= t. One state per branch.
 //      (Where select CTAs fill an SM's registers, two per SM, the window CTAs start after them.)
-//   4. NsaMergeKernel: one CTA per query head merges each branch's partial states (log-sum-exp
-//      weights) and writes the gated sum: the gate multiplies the merge weights, so the combine costs
-//      nothing extra.
+//   4. NsaMergeKernel: one CTA per query head, or per several heads of a pair when there are many
+//      pairs, merges each branch's partial states (log-sum-exp weights) and writes the gated sum: the
+//      gate multiplies the merge weights, so the combine costs nothing extra.
 //
 // Everything the four kernels share about a launch is NsaSplitArgs (params, plan, workspace views).
 // CUDA only; included by kernels/nsa_decode.cu.
@@ -65,6 +65,7 @@ struct NsaSplitPlan {
   int cmp_chunks = 0, cmp_cps = 1, cmp_splits = 0;
   int win_cps = 1, win_splits = 0;
   int slc_cps = 1, slc_splits = 0;
+  int merge_heads = 1;  // query heads per merge CTA (splitkv::MergeHeadsPerCta)
   size_t ml_offset = 0, acc_offset = 0, lb_offset = 0, sel_offset = 0, bytes = 0;
 
   __host__ __device__ int Slots() const { return cmp_splits + win_splits + slc_splits; }
@@ -512,30 +513,30 @@ __global__ void __launch_bounds__(kSelectThreads) NsaSelectKernel(const NsaSplit
 // ---- Kernel 4 -------------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kMergeThreads) NsaMergeKernel(const NsaSplitArgs a) {
-  __shared__ float weights[3 * splitkv::kMaxSplits];
-  __shared__ __align__(16) float reduce[kMergeThreads * 4];
+  __shared__ float gate[3 * splitkv::kMergeMaxHeads];  // [branch in slot order][head of the CTA]
   const NsaDecodeParams& p = a.p;
-  const int G = p.num_heads / p.num_kv_heads;
-  const int pair = blockIdx.x / G, h = blockIdx.x % G;
+  const int G = p.num_heads / p.num_kv_heads, heads = a.plan.merge_heads, per_pair = G / heads;
+  const int pair = blockIdx.x / per_pair, h0 = (blockIdx.x % per_pair) * heads;
   const int seq = pair / p.num_kv_heads, kv_head = pair % p.num_kv_heads;
-  const int64_t head = static_cast<int64_t>(seq) * p.num_heads + static_cast<int64_t>(kv_head) * G + h;
-  bf16* out = p.out + head * p.head_dim_v;
+  const int64_t head0 = static_cast<int64_t>(seq) * p.num_heads + static_cast<int64_t>(kv_head) * G + h0;
+  bf16* out = p.out + head0 * p.head_dim_v;
   const int64_t t = p.positions[seq];
   if (t < 0 || t >= p.max_context) {
-    for (int c = threadIdx.x; c < p.head_dim_v; c += kMergeThreads) out[c] = __float2bfloat16(NAN);
+    for (int c = threadIdx.x; c < heads * p.head_dim_v; c += kMergeThreads) out[c] = __float2bfloat16(NAN);
     return;
   }
   // Gates and positions are step inputs, complete before this kernel could start: it starts only
   // after every selected-phase CTA started, which happens only after the select kernel passed its
   // wait, i.e. after the compressed kernel (which waited for the step's inputs) completed.
-  // The partial states need the wait.
-  const void* gates = GatesAt(p.gates, p.gate_dtype, head);
-  // Slot order is (compressed, window, selected); the gates are stored (cmp, slc, win).
-  const float gate[3] = {LoadGate(gates, p.gate_dtype, 0), LoadGate(gates, p.gate_dtype, 2),
-                         LoadGate(gates, p.gate_dtype, 1)};
+  // The partial states need the wait. Slot order is (compressed, window, selected); the gates are
+  // stored (cmp, slc, win).
+  if (static_cast<int>(threadIdx.x) < 3 * heads) {
+    const int b = threadIdx.x / heads, i = threadIdx.x % heads;
+    gate[threadIdx.x] = LoadGate(GatesAt(p.gates, p.gate_dtype, head0 + i), p.gate_dtype, b == 0 ? 0 : 3 - b);
+  }
   WaitForPrerequisiteGrids();
   const int begin[4] = {0, a.plan.cmp_splits, a.plan.cmp_splits + a.plan.win_splits, a.plan.Slots()};
-  splitkv::MergeBranches<3>(a.states, pair, h, begin, gate, weights, reduce, out);
+  splitkv::MergeBranches<3>(a.states, pair, h0, heads, begin, gate, out);
 }
 
 // ---- Host plan ------------------------------------------------------------------------------------

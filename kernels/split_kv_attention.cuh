@@ -564,69 +564,102 @@ __device__ void AttendChunks(const Query& query, int G, float scale_log2, const 
 }
 
 constexpr int kMergeThreads = 256;
+constexpr int kMergeMaxHeads = 16;     // query heads of one pair per merge CTA, at most
+constexpr int kMergeSlotsPerLoad = 4;  // slots whose states a merge thread loads at once
 
-// Merges the slots of up to kBranches branches for head h of one pair and writes
-// out[c] = sum_b gate[b] * (softmax-merged output of branch b)[c] as bf16; a branch with no rows
-// contributes 0. Branch b owns slots [begin[b], begin[b + 1]). Threads are (slot group, 4 columns):
-// each walks every (kMergeThreads / (dv / 4))-th slot with 16-byte loads issued four at a time, and
-// the groups add up through shared memory. Needs blockDim.x == kMergeThreads, dv % 4 == 0,
-// w_smem[begin[kBranches]] and red_smem[kMergeThreads * 4]. Every thread must call it.
+// Merges the slots of up to kBranches branches for heads h0 .. h0 + heads - 1 of one pair and writes
+// out[i][c] = sum_b gate[b][i] * (softmax-merged output of branch b of head h0 + i)[c] as bf16 (out:
+// head h0's row, rows dv apart); a branch with no rows contributes 0. Branch b owns slots
+// [begin[b], begin[b + 1]). gate: [kBranches][heads] in shared memory, written by the caller (this
+// function synchronises before reading it). Two phases:
+//   1. a team of lanes per (branch, head) reduces the branch's slots to coef = (max m, gate / sum);
+//   2. threads are (slot group, head, 4 columns): each walks every groups-th slot with its (m, l) and
+//      16-byte acc loads issued four slots at a time, all independent (an empty slot's stale acc is
+//      loaded and then not used), and the groups add up through shared memory.
+// Several heads share a CTA when that adds no round of loads (MergeHeadsPerCta): with many pairs and
+// few slots, one CTA per few heads instead of one per head. Needs blockDim.x == kMergeThreads,
+// 1 <= heads <= kMergeMaxHeads, heads * dv / 4 <= kMergeThreads, dv % 4 == 0. Every thread must call
+// it.
 template <int kBranches>
-__device__ void MergeBranches(const PartialStates& ps, int pair, int h, const int (&begin)[kBranches + 1],
-                              const float (&gate)[kBranches], float* w_smem, float* red_smem, bf16* out) {
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const float2* ml = ps.ml + ps.Index(pair, 0);
-  if (warp < kBranches) {
+__device__ void MergeBranches(const PartialStates& ps, int pair, int h0, int heads, const int (&begin)[kBranches + 1],
+                              const float* gate, bf16* out) {
+  __shared__ float2 coef[kBranches * kMergeMaxHeads];
+  __shared__ float4 red[kMergeThreads];
+  const int G = ps.G, dv = ps.dv;
+  const float2* ml = ps.ml + ps.Index(pair, 0) + h0;  // slot s, head h0 + i: ml[s * G + i]
+  __syncthreads();
+  const int items = kBranches * heads;
+  int team = kWarpSize;  // lanes per (branch, head): whole warps take part (items * team >= 32)
+  while (team > 1 && team * items > kMergeThreads) team /= 2;
+  if (static_cast<int>(threadIdx.x) < items * team) {
+    const int item = threadIdx.x / team, lane = threadIdx.x % team;
+    const int b = item / heads, i = item - b * heads;
     float m = -INFINITY;
-    for (int s = begin[warp] + lane; s < begin[warp + 1]; s += kWarpSize) {
-      const float2 v = ml[s * ps.G + h];
+    for (int s = begin[b] + lane; s < begin[b + 1]; s += team) {
+      const float2 v = ml[s * G + i];
       if (v.y > 0.0f) m = fmaxf(m, v.x);
     }
-#pragma unroll
-    for (int o = kWarpSize / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    for (int o = team / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o, team));
     float l = 0.0f;
-    for (int s = begin[warp] + lane; s < begin[warp + 1]; s += kWarpSize) {
-      const float2 v = ml[s * ps.G + h];
-      if (v.y > 0.0f) l += v.y * exp2f(v.x - m);
+    for (int s = begin[b] + lane; s < begin[b + 1]; s += team) {
+      const float2 v = ml[s * G + i];
+      if (v.y > 0.0f) l += v.y * Exp2Ftz(v.x - m);
     }
-    l = WarpSum(l);
-    for (int s = begin[warp] + lane; s < begin[warp + 1]; s += kWarpSize) {
-      const float2 v = ml[s * ps.G + h];
-      w_smem[s] = v.y > 0.0f ? gate[warp] * exp2f(v.x - m) / l : 0.0f;
-    }
+    for (int o = team / 2; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o, team);
+    if (lane == 0) coef[item] = make_float2(m, l > 0.0f ? gate[item] / l : 0.0f);
   }
   __syncthreads();
-  const int num_slots = begin[kBranches];
-  const int col_groups = ps.dv / 4, slot_groups = kMergeThreads / col_groups;
-  const int cg = threadIdx.x % col_groups, sg = threadIdx.x / col_groups;
-  const float* acc = ps.acc + ps.Index(pair, 0) * ps.dv + h * ps.dv + cg * 4;
-  const int64_t slot_stride = static_cast<int64_t>(ps.G) * ps.dv;
+  const int cols4 = dv / 4, per_group = heads * cols4, groups = kMergeThreads / per_group;
+  const int g = threadIdx.x / per_group, r = threadIdx.x - g * per_group;
+  const int i = r / cols4, c = (r - i * cols4) * 4;
   float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (sg < slot_groups) {
-    for (int s0 = sg; s0 < num_slots; s0 += 4 * slot_groups) {
-      float4 v[4];
-      float w[4];
+  if (g < groups) {
+    const int slots = begin[kBranches];
+    const float* acc = ps.acc + (ps.Index(pair, 0) + h0 + i) * dv + c;
+    const int64_t slot_stride = static_cast<int64_t>(G) * dv;
+    for (int s0 = g; s0 < slots; s0 += kMergeSlotsPerLoad * groups) {
+      float2 v[kMergeSlotsPerLoad];
+      float4 x[kMergeSlotsPerLoad];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {  // empty slots read stale bytes, weighted by an exact 0 below
-        const int s = s0 + u * slot_groups;
-        w[u] = s < num_slots ? w_smem[s] : 0.0f;
-        v[u] = w[u] != 0.0f ? *reinterpret_cast<const float4*>(acc + s * slot_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int u = 0; u < kMergeSlotsPerLoad; ++u) {
+        const int s = s0 + u * groups;
+        v[u] = s < slots ? ml[s * G + i] : make_float2(0.f, 0.f);
+        x[u] = s < slots ? *reinterpret_cast<const float4*>(acc + s * slot_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        o.x += w[u] * v[u].x;
-        o.y += w[u] * v[u].y;
-        o.z += w[u] * v[u].z;
-        o.w += w[u] * v[u].w;
+      for (int u = 0; u < kMergeSlotsPerLoad; ++u) {
+        if (v[u].y > 0.0f) {  // a select, never a multiply: an empty slot's acc may be anything
+          const int s = s0 + u * groups;
+          int b = 0;
+#pragma unroll
+          for (int k = 1; k < kBranches; ++k) b += s >= begin[k];
+          const float2 cf = coef[b * heads + i];
+          const float w = cf.y * Exp2Ftz(v[u].x - cf.x);
+          o.x += w * x[u].x;
+          o.y += w * x[u].y;
+          o.z += w * x[u].z;
+          o.w += w * x[u].w;
+        }
       }
     }
   }
-  reinterpret_cast<float4*>(red_smem)[threadIdx.x] = o;
-  __syncthreads();
-  for (int c = threadIdx.x; c < ps.dv; c += kMergeThreads) {
-    float sum = 0.0f;
-    for (int g = 0; g < slot_groups; ++g) sum += red_smem[(g * col_groups + c / 4) * 4 + c % 4];
-    out[c] = __float2bfloat16(sum);
+  if (groups > 1) {
+    red[threadIdx.x] = o;
+    __syncthreads();
+    if (g == 0) {
+      for (int k = 1; k < groups; ++k) {
+        const float4 y = red[k * per_group + r];
+        o.x += y.x;
+        o.y += y.y;
+        o.z += y.z;
+        o.w += y.w;
+      }
+    }
+  }
+  if (g == 0) {
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + i * dv + c);
+    dst[0] = __floats2bfloat162_rn(o.x, o.y);
+    dst[1] = __floats2bfloat162_rn(o.z, o.w);
   }
 }
 
@@ -649,6 +682,22 @@ __host__ inline int ChunksPerSplitOneWave(int chunks, int64_t pairs, int ctas_pe
   if (cps < 1) cps = 1;
   if (chunks > 0 && CeilDiv(chunks, cps) > kMaxSplits) cps = CeilDiv(chunks, kMaxSplits);
   return static_cast<int>(cps);
+}
+
+// Heads per merge CTA (a power of 2 dividing G, at most kMergeMaxHeads, whose (head, 4 columns) items
+// fit the threads): as many as add no round of loads to a thread's walk over the slots. One head per
+// CTA when slots are many (few pairs); up to 16 when there are one or two per branch (many pairs),
+// which turns several waves of CTAs into one.
+__host__ inline int MergeHeadsPerCta(int G, int dv, int slots) {
+  auto rounds = [&](int h) {
+    const int groups = kMergeThreads / (h * (dv / 4));
+    return CeilDiv(slots, static_cast<int64_t>(kMergeSlotsPerLoad) * groups);
+  };
+  int h = 1;
+  while (2 * h <= kMergeMaxHeads && G % (2 * h) == 0 && 2 * h * (dv / 4) <= kMergeThreads && rounds(2 * h) <= rounds(h)) {
+    h *= 2;
+  }
+  return h;
 }
 
 // Launches `kernel` with programmatic stream serialisation: it may start while the previous kernel of

@@ -245,6 +245,30 @@ TEST(DenseAttentionGpuTest, SplitKvDecodeLongContext) {
   }
 }
 
+// Enough (sequence, KV head) pairs that each has few splits, so the merge kernel takes several query
+// heads per thread block: up to 16 at d 64 and 8 at d_v 128 with automatic splits, fewer with their
+// splits spread over several thread groups when each split is 3 chunks.
+TEST(DenseAttentionGpuTest, SplitKvDecodeMergeSeveralHeadsPerBlock) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  auto positions = [](int seqs) {
+    std::vector<int> p;
+    for (int s = 0; s < seqs; ++s) p.push_back(100 + s * 89 % 1900);
+    return p;
+  };
+  const std::vector<DenseCase> cases = {
+      {"d64 G16 40 x 4 KV heads", 64, 64, 4, 16, DecodeAt(positions(40))},
+      {"d192/128 G16 40 x 2 KV heads", 192, 128, 2, 16, DecodeAt(positions(40))},
+      {"d192/128 G16 12 x 2 KV heads", 192, 128, 2, 16, DecodeAt(positions(12))},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    DenseCase c = cases[i];
+    c.seed = 1900 + i;
+    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, kAutoSplits));
+    c.seed += 50;
+    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, 3));
+  }
+}
+
 TEST(DenseAttentionGpuTest, PrefillChunks) {
   NEEDLE_SKIP_WITHOUT_GPU();
   const std::vector<DenseCase> cases = {

@@ -729,6 +729,24 @@ TEST(NsaDecodeSplitKvGpuTest, Batch) {
   ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
 }
 
+// Enough (sequence, KV head) pairs that each has one split per branch, so the merge kernel takes
+// several query heads per thread block (8 at d_v 128, 16 at d_v 64); the Batch case above has more
+// splits per pair: 2 heads per block, their slots spread over four thread groups.
+TEST(NsaDecodeSplitKvGpuTest, MergeSeveralHeadsPerBlock) {
+  NEEDLE_SKIP_WITHOUT_GPU();
+  std::vector<int> positions;
+  for (int s = 0; s < 40; ++s) positions.push_back(200 + s * 97 % 2500);
+  const std::vector<NsaCase> cases = {
+      {"paper d192/128 G16 ring 40 x 4 KV heads", PaperGeometry(), 192, 128, 4, 16, false, DecodeAt(positions)},
+      {"fla d64 G16 shared 40 x 4 KV heads", FlaGeometry(1, 2), 64, 64, 4, 16, true, DecodeAt(positions)},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    NsaCase c = cases[i];
+    c.seed = 1750 + i;
+    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+  }
+}
+
 // ---- Prefill ---------------------------------------------------------------------------------
 
 TEST(NsaPrefillGpuTest, Chunks) {
