@@ -89,9 +89,11 @@ inline int CmpBlocksPerChunk(const NsaKernelGeometry& g) {
 // lb[h][j] = log2 sum_i exp2(s_hi) |[i d, i d + l) ∩ [j l', (j+1) l')| / d over the compressed tokens
 // i overlapping block j, for the blocks ja..ja+nblk-1 of one chunk whose scores (log2 domain, entry
 // i at tile column i - score_begin) are in `tile`. The chunk holds every token overlapping its
-// blocks. All splitkv::kThreads threads of the block take part.
+// blocks. lb's column 0 stands for block lb_first. All splitkv::kThreads threads of the block take
+// part.
 __device__ inline void BlockMasses(const NsaKernelGeometry& geo, const TokenGrid& grid, int G, const float* tile,
-                                   int ja, int nblk, const ChunkRange& r, float* lb, int lb_stride) {
+                                   int ja, int nblk, const ChunkRange& r, float* lb, int lb_stride,
+                                   int lb_first = 0) {
   const int cl = geo.cmp_block, cd = geo.cmp_stride, sl = geo.sel_block;
   const int sb = static_cast<int>(r.score_begin), end = static_cast<int>(r.end);
   const float inv_d = 1.0f / static_cast<float>(cd);
@@ -107,7 +109,7 @@ __device__ inline void BlockMasses(const NsaKernelGeometry& geo, const TokenGrid
       const int overlap = min(k * cd + cl, (j + 1) * sl) - max(k * cd, j * sl);
       sum += Exp2Ftz(srow[k] - mx) * static_cast<float>(overlap);
     }
-    lb[h * lb_stride + j] = sum > 0.0f ? mx + log2f(sum * inv_d) : -INFINITY;
+    lb[h * lb_stride + j - lb_first] = sum > 0.0f ? mx + log2f(sum * inv_d) : -INFINITY;
   }
 }
 

@@ -73,6 +73,14 @@ bool ParamsValid(const NsaPrefillParams& p) {
   return true;
 }
 
+// params with the window chunk strides resolved (0: contiguous rows).
+NsaPrefillParams Resolved(const NsaPrefillParams& params) {
+  NsaPrefillParams p = params;
+  if (p.window_k_chunk_stride == 0) p.window_k_chunk_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim_qk;
+  if (p.window_v_chunk_stride == 0) p.window_v_chunk_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim_v;
+  return p;
+}
+
 }  // namespace
 
 bool NsaPrefillSupported(int head_dim_qk, int head_dim_v, int group_size) {
@@ -81,12 +89,16 @@ bool NsaPrefillSupported(int head_dim_qk, int head_dim_v, int group_size) {
 
 size_t NsaPrefillWorkspaceBytes(int num_tokens, int num_kv_heads, int group_size, int max_context) { return 0; }
 
+bool NsaPrefillUsesTensorCores(const NsaPrefillParams& params) {
+  if (!ParamsValid(params) || params.simple) return false;
+  const NsaPrefillParams p = Resolved(params);
+  return detail::nsa_prefill_tc::Supported(p.head_dim_qk, p.head_dim_v) && detail::nsa_prefill_tc::Applies(p);
+}
+
 cudaError_t LaunchNsaPrefill(const NsaPrefillParams& params, void* workspace, cudaStream_t stream) {
   if (!ParamsValid(params)) return cudaErrorInvalidValue;
   if (params.num_tokens == 0) return cudaSuccess;
-  NsaPrefillParams p = params;
-  if (p.window_k_chunk_stride == 0) p.window_k_chunk_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim_qk;
-  if (p.window_v_chunk_stride == 0) p.window_v_chunk_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim_v;
+  const NsaPrefillParams p = Resolved(params);
   if (!p.simple && detail::nsa_prefill_tc::Supported(p.head_dim_qk, p.head_dim_v)) {
     const cudaError_t e = detail::nsa_prefill_tc::Launch(p, stream);
     if (e != cudaErrorNotSupported) return e;

@@ -78,9 +78,13 @@ bool NsaPrefillSupported(int head_dim_qk, int head_dim_v, int group_size);
 size_t NsaPrefillWorkspaceBytes(int num_tokens, int num_kv_heads, int group_size, int max_context);
 
 // One thread block per (query token, KV head): the tensor-core path (kernels/nsa_prefill_tc.cuh) for
-// d_k/d_v 192/128, 128/128 and 64/64 when its shared memory fits, else (and with params.simple) the
-// simple kernel. cudaErrorInvalidValue for unsupported or
-// inconsistent params (nothing launched); otherwise the launch status.
+// d_k/d_v 192/128, 128/128 and 64/64 when its shared memory fits (the compressed branch in two passes
+// on long contexts), else (and with params.simple) the simple kernel. cudaErrorInvalidValue for
+// unsupported or inconsistent params (nothing launched); otherwise the launch status.
 cudaError_t LaunchNsaPrefill(const NsaPrefillParams& params, void* workspace, cudaStream_t stream);
+
+// Whether LaunchNsaPrefill runs the tensor-core path for these (valid) params rather than the simple
+// kernel, which is tens of times slower.
+bool NsaPrefillUsesTensorCores(const NsaPrefillParams& params);
 
 }  // namespace needle::kernels

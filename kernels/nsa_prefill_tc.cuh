@@ -8,7 +8,10 @@
 //      tokens that overlap its first block, scored but not attended). After each chunk the score
 //      tile is folded into per-head log2 block masses lb[h][j] in shared memory (for l = d = l' the
 //      scores go straight to lb through the ScoreSink's rows). The branch leaves each head's (max,
-//      sum) and unnormalised output in shared memory.
+//      sum) and unnormalised output in shared memory. Where G x max_blocks masses do not fit (long
+//      contexts: past ~96k positions at the paper geometry) the branch runs twice instead
+//      (AttendCompressedTwoPass): once for its output and log-sum-exps, once more to turn each
+//      chunk's masses into block scores directly.
 //   2. Block scores score[j] = sum_h exp2(lb[h][j] - lse_h), then NsaTopBlocks (forced blocks,
 //      ties to the lower index, fla-org's chunked merge), the same routine the simple kernel runs.
 //   3. Selected branch over the selected blocks' rows <= t, window branch over rows
@@ -44,11 +47,16 @@ struct Layout {
   int blocks_per_chunk = 0;  // selection blocks per compressed chunk
   bool score = false;        // some query has more blocks than n
   bool identity = false;     // l = d = l': compressed token j is block j
-  size_t tile = 0, lb = 0, scores = 0, out_acc = 0, acc = 0, ml = 0, gate = 0, sel = 0, bytes = 0;
+  // Long contexts, whose per-head block masses (G x max_blocks floats) do not fit on chip: the
+  // compressed branch is attended twice, first for its output and log-sum-exps, then again to score
+  // each chunk's blocks into `scores` directly (chunk_lb: the chunk's [G][blocks_per_chunk] masses).
+  bool two_pass = false;
+  size_t tile = 0, lb = 0, chunk_lb = 0, lse = 0, scores = 0, out_acc = 0, acc = 0, ml = 0, gate = 0, sel = 0,
+         bytes = 0;
 };
 
 template <int DK, int DV>
-inline Layout MakeLayout(const NsaPrefillParams& p) {
+inline Layout MakeLayout(const NsaPrefillParams& p, bool two_pass) {
   const NsaKernelGeometry& g = p.geometry;
   const int G = p.num_heads / p.num_kv_heads;
   Layout L;
@@ -57,12 +65,19 @@ inline Layout MakeLayout(const NsaPrefillParams& p) {
   L.blocks_per_chunk = CmpBlocksPerChunk(g);
   L.score = L.max_blocks > g.num_selected;
   L.identity = g.cmp_block == g.cmp_stride && g.cmp_stride == g.sel_block;
+  L.two_pass = two_pass && L.score;
   auto align = [](size_t x) { return (x + 15) & ~static_cast<size_t>(15); };
   size_t at = splitkv::Tile<DK, DV>::kAuxOffset;
   L.tile = at;
-  if (L.score && !L.identity) at += align(static_cast<size_t>(splitkv::HeadTiles(G)) * 16 * splitkv::kScoreStride * 4);
+  if (L.score && (!L.identity || L.two_pass)) {
+    at += align(static_cast<size_t>(splitkv::HeadTiles(G)) * 16 * splitkv::kScoreStride * 4);
+  }
   L.lb = at;
-  if (L.score) at += align(static_cast<size_t>(G) * L.lb_stride * 4);
+  if (L.score && !L.two_pass) at += align(static_cast<size_t>(G) * L.lb_stride * 4);
+  L.chunk_lb = at;
+  if (L.two_pass) at += align(static_cast<size_t>(G) * (L.blocks_per_chunk > 0 ? L.blocks_per_chunk : 1) * 4);
+  L.lse = at;
+  if (L.two_pass) at += align(static_cast<size_t>(G) * 4);
   L.scores = at;
   if (L.score) at += align(static_cast<size_t>(L.lb_stride) * 4);
   L.out_acc = at;
@@ -103,7 +118,67 @@ __device__ __forceinline__ void AddGated(int G, int branch, const float* gate, c
   __syncthreads();
 }
 
+// The compressed branch of a long context (Layout::two_pass), for a query at position t with nb > n
+// selection blocks and nc > 0 compressed tokens: adds its gated output to out_acc and writes the
+// normalised block scores, summed over the G heads, to scores[0, nb). Pass 1 attends the nc tokens for
+// the output and each head's log-sum-exp; pass 2 attends them again cut at block boundaries (as the
+// one-pass kernel does) and turns each chunk's block masses into scores with those log-sum-exps.
+// ml/acc: the branch state's shared memory (pass 2's own state overwrites it, unused). Every thread
+// must call it.
 template <int DK, int DV>
+__device__ void AttendCompressedTwoPass(const NsaPrefillParams& p, const Layout& L, const bf16* q, int seq,
+                                        int kv_head, int nb, int64_t nc, float scale_log2, const float* gate,
+                                        float2* ml, float* acc, float* out_acc, float* scores) {
+  extern __shared__ __align__(16) char smem[];
+  const NsaKernelGeometry& geo = p.geometry;
+  const int G = p.num_heads / p.num_kv_heads;
+  const RowSource src = PagedRows(p.compressed, seq, kv_head, DK, DV);
+  auto same_row = [](int64_t f) { return f; };
+  auto no_scores = [](int, const ChunkRange&) {};
+  auto plain_chunk = [=](int c) {
+    const int64_t b = static_cast<int64_t>(c) * kRows;
+    return ChunkRange{b, b, MinI64(nc, b + kRows)};
+  };
+  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, static_cast<int>((nc + kRows - 1) / kRows), plain_chunk,
+                                same_row, smem, splitkv::ScoreSink{}, no_scores, ml, acc);
+  AddGated<DV>(G, 0, gate, ml, acc, out_acc);
+  float* lse = reinterpret_cast<float*>(smem + L.lse);
+  for (int h = threadIdx.x; h < G; h += kThreads) lse[h] = ml[h].x + log2f(ml[h].y);  // every head has rows
+  // (AttendChunks starts with a barrier: lse is complete before the first chunk's hook reads it.)
+  const int B = L.blocks_per_chunk;
+  const TokenGrid grid = TokenGrid::Of(geo);
+  auto chunk_of = [=](int c) {
+    int ja, jb;
+    return CompressedChunk(geo, grid, B, c, nb, static_cast<int>(nc), &ja, &jb);
+  };
+  float* tile = reinterpret_cast<float*>(smem + L.tile);
+  float* chunk_lb = reinterpret_cast<float*>(smem + L.chunk_lb);
+  splitkv::ScoreSink sink;
+  sink.tile = tile;
+  auto block_scores = [&](int c, const ChunkRange& r) {
+    const int ja = c * B, nblk = min(ja + B, nb) - ja;
+    if (L.identity) {  // block j's mass is compressed token j's score; none yet for j >= nc
+      for (int i = threadIdx.x; i < G * nblk; i += kThreads) {
+        const int h = i / nblk, j = ja + (i - h * nblk);
+        chunk_lb[h * B + j - ja] = j < nc ? tile[h * splitkv::kScoreStride + j - r.score_begin] : -INFINITY;
+      }
+    } else {
+      BlockMasses(geo, grid, G, tile, ja, nblk, r, chunk_lb, B, ja);
+    }
+    __syncthreads();
+    for (int jl = threadIdx.x; jl < nblk; jl += kThreads) {
+      float s = 0.0f;
+      for (int h = 0; h < G; ++h) s += exp2f(chunk_lb[h * B + jl] - lse[h]);
+      scores[ja + jl] = s;
+    }
+  };
+  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, (nb + B - 1) / B, chunk_of, same_row, smem, sink, block_scores,
+                                ml, acc);
+  __syncthreads();  // scores are complete; the callers' next step reads them
+}
+
+// kTwoPass: instantiated apart (Layout::two_pass), so the one-pass kernel keeps its registers.
+template <int DK, int DV, bool kTwoPass>
 __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefillParams p, const Layout L) {
   extern __shared__ __align__(16) char smem[];
   __shared__ int num_sel;
@@ -145,9 +220,12 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
   auto same_row = [](int64_t f) { return f; };
   auto no_scores = [](int, const ChunkRange&) {};
 
-  // 1. Compressed branch, chunks cut at selection-block boundaries.
+  // 1. Compressed branch, chunks cut at selection-block boundaries (two passes on long contexts,
+  // see Layout::two_pass).
   const bool scoring = nb > n && nc > 0;
-  {
+  if (kTwoPass && scoring) {
+    AttendCompressedTwoPass<DK, DV>(p, L, q, seq, kv_head, nb, nc, scale_log2, gate, ml, acc, out_acc, scores);
+  } else {
     const int B = L.blocks_per_chunk;
     const int chunks = (nb + B - 1) / B;
     const TokenGrid grid = TokenGrid::Of(geo);
@@ -192,7 +270,9 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
     if (threadIdx.x == 0) num_sel = nb;
     __syncthreads();
   } else {
-    if (scoring) {
+    if (kTwoPass && scoring) {
+      // scores are complete (the second pass)
+    } else if (scoring) {
       // lse_h (log2) = m_h + log2 l_h; every head has rows here (nc > 0).
       for (int j = threadIdx.x; j < nb; j += kThreads) {
         float s = 0.0f;
@@ -276,6 +356,21 @@ inline bool ChunkRowsAligned(const NsaPrefillParams& p) {
          p.window_v_chunk_stride % 8 == 0;
 }
 
+inline bool Fits(const Layout& L) {
+  return L.blocks_per_chunk >= 1 && L.bytes <= static_cast<size_t>(kMaxSmemBytes) - 1024;
+}
+
+// Whether Launch applies to p (head dims, chunk alignment, geometry and shared memory); the chunk
+// strides must be resolved (nonzero).
+inline bool Applies(const NsaPrefillParams& p) {
+  if (!ChunkRowsAligned(p)) return false;
+  return DispatchHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) -> cudaError_t {
+           constexpr int kDk = decltype(dims)::qk, kDv = decltype(dims)::v;
+           return Fits(MakeLayout<kDk, kDv>(p, false)) || Fits(MakeLayout<kDk, kDv>(p, true)) ? cudaSuccess
+                                                                                             : cudaErrorNotSupported;
+         }) == cudaSuccess;
+}
+
 // Launches the tensor-core path; cudaErrorNotSupported (nothing launched) when it does not apply
 // (head dims, geometry that cannot be chunked, shared memory, or window chunk rows not 16-byte
 // aligned): the caller runs the simple kernel. The chunk strides must be resolved (nonzero).
@@ -283,9 +378,10 @@ inline cudaError_t Launch(const NsaPrefillParams& p, cudaStream_t stream) {
   if (!ChunkRowsAligned(p)) return cudaErrorNotSupported;
   return DispatchHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) -> cudaError_t {
     constexpr int kDk = decltype(dims)::qk, kDv = decltype(dims)::v;
-    const Layout L = MakeLayout<kDk, kDv>(p);
-    if (L.blocks_per_chunk < 1 || L.bytes > static_cast<size_t>(kMaxSmemBytes) - 1024) return cudaErrorNotSupported;
-    auto kernel = NsaPrefillTcKernel<kDk, kDv>;
+    Layout L = MakeLayout<kDk, kDv>(p, false);
+    if (!Fits(L)) L = MakeLayout<kDk, kDv>(p, true);
+    if (!Fits(L)) return cudaErrorNotSupported;
+    auto kernel = L.two_pass ? NsaPrefillTcKernel<kDk, kDv, true> : NsaPrefillTcKernel<kDk, kDv, false>;
     cudaError_t e = AllowDynamicSmem(kernel, L.bytes);
     if (e != cudaSuccess) return e;
     kernel<<<dim3(p.num_tokens, p.num_kv_heads), kThreads, L.bytes, stream>>>(p, L);

@@ -80,6 +80,7 @@ struct NsaCase {
   // buffer whose token rows are [pad][K][pad][V][pad], the pads bf16 NaN, with K and V pointing into
   // it and both strides the row width, so a kernel that assumes contiguous rows reads V or NaN.
   int chunk_pad = -1;
+  bool tensor_cores = false;  // prefill: the tensor-core path must run (NsaPrefillUsesTensorCores)
 };
 
 std::vector<SeqSpec> DecodeAt(const std::vector<int>& positions) {
@@ -390,6 +391,9 @@ void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel,
     p.shared_kv = c.shared_kv;
     p.simple = simple_prefill;
     ASSERT_EQ(NsaPrefillWorkspaceBytes(num_tokens, hkv, G, max_context), 0u);
+    if (c.tensor_cores) {
+      ASSERT_TRUE(NsaPrefillUsesTensorCores(p));
+    }
     NEEDLE_CUDA_ASSERT(LaunchNsaPrefill(p, nullptr, nullptr));
   }
   NEEDLE_CUDA_ASSERT(cudaDeviceSynchronize());
@@ -864,15 +868,21 @@ TEST(NsaPrefillGpuTest, StridedWindowChunks) {
 }
 
 // Long contexts: a 512-token chunk at position 60000 (paper ring, FLA shared), a 64k chunk tail.
+// Long contexts; past ~96k positions at the paper geometry (~180k at FLA's) the G x blocks masses no
+// longer fit in shared memory and the compressed branch runs in two passes, still on tensor cores.
 TEST(NsaPrefillGpuTest, TensorCoreLongContext) {
   NEEDLE_SKIP_WITHOUT_GPU();
   const std::vector<NsaCase> cases = {
       {"paper d192/128 G16 ring 60000+512", PaperGeometry(), 192, 128, 1, 16, false, {{60000, 512}}},
       {"fla d64 G16 shared 60000+512, 5+100", FlaGeometry(1, 2), 64, 64, 1, 16, true, {{60000, 512}, {5, 100}}},
       {"chunked C16 n16 d64 G8 shared 30000+256", ChunkedMerge16(), 64, 64, 1, 8, true, {{30000, 256}}, 16, 16},
+      {"paper d192/128 G16 ring 120000+24, 3000+8 (two passes)", PaperGeometry(), 192, 128, 1, 16, false,
+       {{120000, 24}, {3000, 8}}},
+      {"fla d64 G16 shared 200000+16 (two passes)", FlaGeometry(1, 2), 64, 64, 1, 16, true, {{200000, 16}}},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     NsaCase c = cases[i];
+    c.tensor_cores = true;
     c.seed = 800 + i;
     ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/false));
   }
