@@ -391,7 +391,9 @@ void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel,
     p.shared_kv = c.shared_kv;
     p.simple = simple_prefill;
     ASSERT_EQ(NsaPrefillWorkspaceBytes(num_tokens, hkv, G, max_context), 0u);
-    if (c.tensor_cores) {
+    if (simple_prefill) {
+      ASSERT_FALSE(NsaPrefillUsesTensorCores(p));
+    } else if (c.tensor_cores) {
       ASSERT_TRUE(NsaPrefillUsesTensorCores(p));
     }
     NEEDLE_CUDA_ASSERT(LaunchNsaPrefill(p, nullptr, nullptr));
