@@ -742,7 +742,7 @@ absl::Status CudaExecutor::RunLayer(int layer, const StepPlanLayout& sp) {
       a.head_dim_qk = static_cast<int>(dk);
       a.head_dim_v = static_cast<int>(dv);
       // The chunks' own bound, not the executor's: the tensor-core prefill keeps G x (blocks up to it)
-      // block scores on chip and falls back to the simple kernel when they do not fit.
+      // block masses on chip when they fit and attends the compressed branch twice when they do not.
       a.max_context = static_cast<int>(sp.max_prefill_end);
       a.softmax_scale = scale;
       a.geometry = geometry;
