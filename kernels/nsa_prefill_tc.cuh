@@ -356,8 +356,16 @@ inline bool ChunkRowsAligned(const NsaPrefillParams& p) {
          p.window_v_chunk_stride % 8 == 0;
 }
 
-inline bool Fits(const Layout& L) {
-  return L.blocks_per_chunk >= 1 && L.bytes <= static_cast<size_t>(kMaxSmemBytes) - 1024;
+// The layout Launch uses for p: one pass over the compressed branch when it fits in shared memory,
+// else two; false when neither fits (or the geometry cannot be chunked).
+template <int DK, int DV>
+inline bool ChooseLayout(const NsaPrefillParams& p, Layout* L) {
+  auto fits = [](const Layout& l) {
+    return l.blocks_per_chunk >= 1 && l.bytes <= static_cast<size_t>(kMaxSmemBytes) - 1024;
+  };
+  *L = MakeLayout<DK, DV>(p, false);
+  if (!fits(*L)) *L = MakeLayout<DK, DV>(p, true);
+  return fits(*L);
 }
 
 // Whether Launch applies to p (head dims, chunk alignment, geometry and shared memory); the chunk
@@ -365,9 +373,8 @@ inline bool Fits(const Layout& L) {
 inline bool Applies(const NsaPrefillParams& p) {
   if (!ChunkRowsAligned(p)) return false;
   return DispatchHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) -> cudaError_t {
-           constexpr int kDk = decltype(dims)::qk, kDv = decltype(dims)::v;
-           return Fits(MakeLayout<kDk, kDv>(p, false)) || Fits(MakeLayout<kDk, kDv>(p, true)) ? cudaSuccess
-                                                                                             : cudaErrorNotSupported;
+           Layout L;
+           return ChooseLayout<decltype(dims)::qk, decltype(dims)::v>(p, &L) ? cudaSuccess : cudaErrorNotSupported;
          }) == cudaSuccess;
 }
 
@@ -378,9 +385,8 @@ inline cudaError_t Launch(const NsaPrefillParams& p, cudaStream_t stream) {
   if (!ChunkRowsAligned(p)) return cudaErrorNotSupported;
   return DispatchHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) -> cudaError_t {
     constexpr int kDk = decltype(dims)::qk, kDv = decltype(dims)::v;
-    Layout L = MakeLayout<kDk, kDv>(p, false);
-    if (!Fits(L)) L = MakeLayout<kDk, kDv>(p, true);
-    if (!Fits(L)) return cudaErrorNotSupported;
+    Layout L;
+    if (!ChooseLayout<kDk, kDv>(p, &L)) return cudaErrorNotSupported;
     auto kernel = L.two_pass ? NsaPrefillTcKernel<kDk, kDv, true> : NsaPrefillTcKernel<kDk, kDv, false>;
     cudaError_t e = AllowDynamicSmem(kernel, L.bytes);
     if (e != cudaSuccess) return e;
