@@ -9,9 +9,9 @@
 //      tile is folded into per-head log2 block masses lb[h][j] in shared memory (for l = d = l' the
 //      scores go straight to lb through the ScoreSink's rows). The branch leaves each head's (max,
 //      sum) and unnormalised output in shared memory. Where G x max_blocks masses do not fit (long
-//      contexts: past ~96k positions at the paper geometry) the branch runs twice instead
-//      (AttendCompressedTwoPass): once for its output and log-sum-exps, once more to turn each
-//      chunk's masses into block scores directly.
+//      contexts: past ~96k positions at the paper geometry) the branch runs twice instead: once for
+//      its output and log-sum-exps, once more (ScoreBlocksSecondPass) to turn each chunk's masses
+//      into block scores directly.
 //   2. Block scores score[j] = sum_h exp2(lb[h][j] - lse_h), then NsaTopBlocks (forced blocks,
 //      ties to the lower index, fla-org's chunked merge), the same routine the simple kernel runs.
 //   3. Selected branch over the selected blocks' rows <= t, window branch over rows
@@ -118,39 +118,23 @@ __device__ __forceinline__ void AddGated(int G, int branch, const float* gate, c
   __syncthreads();
 }
 
-// The compressed branch of a long context (Layout::two_pass), for a query at position t with nb > n
-// selection blocks and nc > 0 compressed tokens: adds its gated output to out_acc and writes the
-// normalised block scores, summed over the G heads, to scores[0, nb). Pass 1 attends the nc tokens for
-// the output and each head's log-sum-exp; pass 2 attends them again cut at block boundaries (as the
-// one-pass kernel does) and turns each chunk's block masses into scores with those log-sum-exps.
-// ml/acc: the branch state's shared memory (pass 2's own state overwrites it, unused). Every thread
-// must call it.
-template <int DK, int DV>
-__device__ void AttendCompressedTwoPass(const NsaPrefillParams& p, const Layout& L, const bf16* q, int seq,
-                                        int kv_head, int nb, int64_t nc, float scale_log2, const float* gate,
-                                        float2* ml, float* acc, float* out_acc, float* scores) {
+// The second pass over the compressed branch of a long context (Layout::two_pass), after the first
+// attended it for its output: attends the chunks cut at block boundaries (chunk_of, as the one-pass
+// kernel cuts them) again and turns each chunk's block masses into normalised block scores, summed
+// over the G heads, in scores[0, nb), with the first pass's log-sum-exps (from ml, read before the
+// pass overwrites it). ml/acc: the branch state's shared memory (this pass's own state, unused).
+// Every thread must call it.
+template <int DK, int DV, class ChunkOf>
+__device__ void ScoreBlocksSecondPass(const NsaPrefillParams& p, const Layout& L, const bf16* q, const RowSource& src,
+                                      ChunkOf chunk_of, int nb, int64_t nc, float scale_log2, float2* ml, float* acc,
+                                      float* scores) {
   extern __shared__ __align__(16) char smem[];
   const NsaKernelGeometry& geo = p.geometry;
-  const int G = p.num_heads / p.num_kv_heads;
-  const RowSource src = PagedRows(p.compressed, seq, kv_head, DK, DV);
-  auto same_row = [](int64_t f) { return f; };
-  auto no_scores = [](int, const ChunkRange&) {};
-  auto plain_chunk = [=](int c) {
-    const int64_t b = static_cast<int64_t>(c) * kRows;
-    return ChunkRange{b, b, MinI64(nc, b + kRows)};
-  };
-  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, static_cast<int>((nc + kRows - 1) / kRows), plain_chunk,
-                                same_row, smem, splitkv::ScoreSink{}, no_scores, ml, acc);
-  AddGated<DV>(G, 0, gate, ml, acc, out_acc);
+  const int G = p.num_heads / p.num_kv_heads, B = L.blocks_per_chunk;
+  const TokenGrid grid = TokenGrid::Of(geo);
   float* lse = reinterpret_cast<float*>(smem + L.lse);
   for (int h = threadIdx.x; h < G; h += kThreads) lse[h] = ml[h].x + log2f(ml[h].y);  // every head has rows
   // (AttendChunks starts with a barrier: lse is complete before the first chunk's hook reads it.)
-  const int B = L.blocks_per_chunk;
-  const TokenGrid grid = TokenGrid::Of(geo);
-  auto chunk_of = [=](int c) {
-    int ja, jb;
-    return CompressedChunk(geo, grid, B, c, nb, static_cast<int>(nc), &ja, &jb);
-  };
   float* tile = reinterpret_cast<float*>(smem + L.tile);
   float* chunk_lb = reinterpret_cast<float*>(smem + L.chunk_lb);
   splitkv::ScoreSink sink;
@@ -172,9 +156,9 @@ __device__ void AttendCompressedTwoPass(const NsaPrefillParams& p, const Layout&
       scores[ja + jl] = s;
     }
   };
-  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, (nb + B - 1) / B, chunk_of, same_row, smem, sink, block_scores,
-                                ml, acc);
-  __syncthreads();  // scores are complete; the callers' next step reads them
+  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, (nb + B - 1) / B, chunk_of, [](int64_t f) { return f; }, smem,
+                                sink, block_scores, ml, acc);
+  __syncthreads();  // scores are complete; the caller's next step reads them
 }
 
 // kTwoPass: instantiated apart (Layout::two_pass), so the one-pass kernel keeps its registers.
@@ -220,12 +204,11 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
   auto same_row = [](int64_t f) { return f; };
   auto no_scores = [](int, const ChunkRange&) {};
 
-  // 1. Compressed branch, chunks cut at selection-block boundaries (two passes on long contexts,
-  // see Layout::two_pass).
+  // 1. Compressed branch, chunks cut at selection-block boundaries. On long contexts
+  // (Layout::two_pass) the first pass attends it without scores and a second pass scores the blocks.
   const bool scoring = nb > n && nc > 0;
-  if (kTwoPass && scoring) {
-    AttendCompressedTwoPass<DK, DV>(p, L, q, seq, kv_head, nb, nc, scale_log2, gate, ml, acc, out_acc, scores);
-  } else {
+  const bool score_now = scoring && !kTwoPass;
+  {
     const int B = L.blocks_per_chunk;
     const int chunks = (nb + B - 1) / B;
     const TokenGrid grid = TokenGrid::Of(geo);
@@ -234,14 +217,15 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
       return CompressedChunk(geo, grid, B, c, nb, static_cast<int>(nc), &ja, &jb);
     };
     splitkv::ScoreSink sink;
-    if (scoring && L.identity) {
+    const RowSource src = PagedRows(p.compressed, seq, kv_head, DK, DV);
+    if (score_now && L.identity) {
       sink.rows = lb;
       sink.row_stride = L.lb_stride;
       // Blocks with no complete compressed token yet (the current one) have no mass.
       for (int i = threadIdx.x; i < (nb - nc) * G; i += kThreads) {
         lb[(i % G) * L.lb_stride + nc + i / G] = -INFINITY;
       }
-    } else if (scoring) {
+    } else if (score_now) {
       sink.tile = tile;
     }
     auto block_masses = [&](int c, const ChunkRange& r) {
@@ -249,19 +233,20 @@ __global__ void __launch_bounds__(kThreads, 1) NsaPrefillTcKernel(const NsaPrefi
       BlockMasses(geo, grid, G, tile, ja, min(ja + B, nb) - ja, r, lb, L.lb_stride);
     };
     // Without scores the chunking only needs to cover the nc tokens: one chunk per kRows.
-    const int count = scoring ? chunks : static_cast<int>((nc + kRows - 1) / kRows);
-    if (scoring) {
-      splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
-                                    same_row, smem, sink, block_masses, ml, acc);
+    const int count = score_now ? chunks : static_cast<int>((nc + kRows - 1) / kRows);
+    if (score_now) {
+      splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, count, chunk_of, same_row, smem, sink, block_masses, ml,
+                                    acc);
     } else {
       auto plain_chunk = [=](int c) {
         const int64_t b = static_cast<int64_t>(c) * kRows;
         return ChunkRange{b, b, MinI64(nc, b + kRows)};
       };
-      splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count,
-                                    plain_chunk, same_row, smem, splitkv::ScoreSink{}, no_scores, ml, acc);
+      splitkv::AttendChunks<DK, DV>(q, G, scale_log2, src, count, plain_chunk, same_row, smem, splitkv::ScoreSink{},
+                                    no_scores, ml, acc);
     }
     AddGated<DV>(G, 0, gate, ml, acc, out_acc);
+    if (kTwoPass && scoring) ScoreBlocksSecondPass<DK, DV>(p, L, q, src, chunk_of, nb, nc, scale_log2, ml, acc, scores);
   }
 
   // 2. Block selection: every block when there are at most n, else scores and top-n.
