@@ -64,6 +64,8 @@ ABSL_FLAG(std::vector<std::string>, prefill_contexts, std::vector<std::string>({
           "--prefill: position of the chunk's first token");
 ABSL_FLAG(bool, nsa_prefill, false,
           "time NSA prefill chunks (paper geometry; tensor-core path vs simple kernel vs dense prefill)");
+ABSL_FLAG(bool, dense_cp_async, false,
+          "dense split-KV decode copies chunks with 16-byte cp.async instead of tensor-map boxes (A/B runs)");
 ABSL_FLAG(bool, profile, false, "launch each configuration's kernels once, untimed (for ncu), and exit");
 
 namespace needle::bench {
@@ -157,6 +159,7 @@ Pool MakePool(int batch, int kv_heads, int pages_per_seq, int ring_pages, int dk
   c.table_stride = pages_per_seq;
   c.page_rows = PageRows();
   c.ring_pages = ring_pages;
+  c.num_pages = static_cast<int32_t>(pages);
   return pool;
 }
 
@@ -325,6 +328,7 @@ void Build(Config* c, int num_copies, cudaStream_t stream) {
     d.softmax_scale = scale;
     d.kv = copy.selection.view;
     d.max_context = static_cast<int>(c->ctx);
+    d.cp_async_copies = absl::GetFlag(FLAGS_dense_cp_async);
     c->dense.push_back(d);
   }
   c->nsa_workspace = DeviceBuffer(kernels::NsaDecodeSplitKvWorkspaceBytes(c->nsa[0]));

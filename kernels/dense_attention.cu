@@ -7,7 +7,8 @@
 //   thread block per (64 (token, head) rows of a sequence, KV head), FlashAttention-2 style;
 // - split-KV decode: DensePartialKernel cuts rows 0..t of each (sequence, KV head) into splits of
 //   64-row chunks, one thread block each (kernels/split_kv_attention.cuh: GQA-packed tensor-core
-//   tiles, cp.async pipeline), and DenseMergeKernel merges the splits' softmax states per query head
+//   tiles; chunks copied as tensor-map boxes where the pool allows, else by cp.async), and
+//   DenseMergeKernel merges the splits' softmax states per query head
 //   (several heads of a pair per CTA when there are many pairs).
 #include "kernels/dense_attention.h"
 
@@ -32,11 +33,14 @@ struct DenseSplitArgs {
   DenseAttentionParams p;
   DenseSplitPlan plan;
   sk::PartialStates states;
+  sk::CacheBoxMaps maps;  // the tensor-map instantiation's K/V maps (sk::MakeCacheBoxMaps)
 };
 
-template <int DK, int DV>
-__global__ void __launch_bounds__(sk::kThreads, 2) DensePartialKernel(const DenseSplitArgs a) {
-  extern __shared__ __align__(16) char smem[];
+// kBoxes: every chunk (64 rows at a multiple of 64, inside one page) arrives as tensor-map boxes
+// (sk::TmaRows), else by 16-byte cp.async.
+template <int DK, int DV, bool kBoxes>
+__global__ void __launch_bounds__(sk::kThreads, 2) DensePartialKernel(const __grid_constant__ DenseSplitArgs a) {
+  extern __shared__ __align__(1024) char smem[];
   detail::WaitForPrerequisiteGrids();
   detail::AllowDependentLaunch();
   const DenseAttentionParams& p = a.p;
@@ -55,10 +59,24 @@ __global__ void __launch_bounds__(sk::kThreads, 2) DensePartialKernel(const Dens
   };
   const int64_t head0 = static_cast<int64_t>(seq) * p.num_heads + static_cast<int64_t>(kv_head) * G;
   const sk::PartialStates& ps = a.states;
-  sk::AttendChunks<DK, DV>(p.q + head0 * DK, G, p.softmax_scale * sk::kLog2e,
-                           detail::PagedRows(p.kv, seq, kv_head, DK, DV), count, chunk_of,
-                           [](int64_t f) { return f; }, smem, sk::ScoreSink{}, [](int, const sk::ChunkRange&) {},
-                           ps.ml + ps.Index(pair, split), ps.acc + ps.Index(pair, split) * DV);
+  auto attend = [&](const auto& tma) {
+    sk::AttendChunks<DK, DV>(p.q + head0 * DK, G, p.softmax_scale * sk::kLog2e,
+                             detail::PagedRows(p.kv, seq, kv_head, DK, DV), count, chunk_of,
+                             [](int64_t f) { return f; }, smem, sk::ScoreSink{}, [](int, const sk::ChunkRange&) {},
+                             ps.ml + ps.Index(pair, split), ps.acc + ps.Index(pair, split) * DV, tma);
+  };
+  if constexpr (kBoxes) {
+    sk::TmaRows tma;
+    tma.k_map = &a.maps.k;
+    tma.v_map = &a.maps.v;
+    tma.table = p.kv.page_table + static_cast<int64_t>(seq) * p.kv.table_stride;
+    tma.page_rows = p.kv.page_rows;
+    tma.rows_per_page = a.maps.rows_per_page;
+    tma.head_row = kv_head * p.kv.page_rows;
+    attend(tma);
+  } else {
+    attend(sk::NoTma{});
+  }
 }
 
 __global__ void __launch_bounds__(sk::kMergeThreads) DenseMergeKernel(const DenseSplitArgs a) {
@@ -272,7 +290,10 @@ cudaError_t DenseSplitKv(const DenseAttentionParams& p, void* workspace, size_t 
   *planned = false;
   const int G = p.num_heads / p.num_kv_heads;
   const int64_t pairs = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads;
-  auto partial = DensePartialKernel<DK, DV>;
+  DenseSplitArgs a;
+  const bool boxes = !p.cp_async_copies &&
+                     sk::MakeCacheBoxMaps(p.kv, p.num_kv_heads, DK, DV, &a.maps);
+  auto partial = boxes ? DensePartialKernel<DK, DV, true> : DensePartialKernel<DK, DV, false>;
   const size_t smem = sk::Tile<DK, DV>::kAuxOffset;
   const int ctas = sk::CtasPerWave(partial, smem);
   if (ctas < 1) return cudaSuccess;
@@ -292,7 +313,6 @@ cudaError_t DenseSplitKv(const DenseAttentionParams& p, void* workspace, size_t 
   *planned = true;
   if (workspace == nullptr) return cudaSuccess;
   plan.merge_heads = sk::MergeHeadsPerCta(G, DV, plan.splits);
-  DenseSplitArgs a;
   a.p = p;
   a.plan = plan;
   a.states.ml = static_cast<float2*>(workspace);
@@ -331,6 +351,16 @@ bool DenseAttentionPrefillSupported(int head_dim_qk, int head_dim_v, int group_s
 bool DenseAttentionSplitKvSupported(int head_dim_qk, int head_dim_v, int group_size) {
   if (!DenseAttentionSupported(head_dim_qk, head_dim_v, group_size)) return false;
   return DispatchSplitKvHeadDims(head_dim_qk, head_dim_v, [](auto) { return cudaSuccess; }) == cudaSuccess;
+}
+
+bool DenseAttentionSplitKvCopiesBoxes(const DenseAttentionParams& p) {
+  if (!SplitKvShape(p) || p.cp_async_copies) return false;
+  sk::CacheBoxMaps maps;
+  return DispatchSplitKvHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) {
+           return sk::MakeCacheBoxMaps(p.kv, p.num_kv_heads, decltype(dims)::qk, decltype(dims)::v, &maps)
+                      ? cudaSuccess
+                      : cudaErrorNotSupported;
+         }) == cudaSuccess;
 }
 
 size_t DenseAttentionSplitKvWorkspaceBytes(const DenseAttentionParams& p) {

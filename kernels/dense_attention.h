@@ -44,6 +44,9 @@ struct DenseAttentionParams {
   // Split-KV path only: 0 picks the chunks (64 rows each) per thread block from the batch shape and
   // the device; k > 0 makes every split k chunks (tests and tuning).
   int chunks_per_split = 0;
+  // Split-KV path only: copy K/V chunks with 16-byte cp.async even where tensor-map boxes apply
+  // (kv.num_pages known, whole-chunk pages, sm_90; tests and benchmarks).
+  bool cp_async_copies = false;
   // Prefill chunks only: true runs the simple one-block-per-(token, KV head) kernel even where the
   // tensor-core prefill path applies (tests and benchmarks).
   bool simple_prefill = false;
@@ -75,6 +78,11 @@ bool DenseAttentionPrefillSupported(int head_dim_qk, int head_dim_v, int group_s
 // Whether the split-KV decode path runs these head dims and group size (today d_k/d_v 192/128,
 // 128/128 and 64/64, G <= 64).
 bool DenseAttentionSplitKvSupported(int head_dim_qk, int head_dim_v, int group_size);
+
+// Whether the split-KV decode path, for these params on the current device, copies K/V chunks as
+// tensor-map boxes (sm_90, kv.num_pages known, page_rows a multiple of 64, !cp_async_copies) rather
+// than with 16-byte cp.async. Both give the same results; the boxes stream faster.
+bool DenseAttentionSplitKvCopiesBoxes(const DenseAttentionParams& params);
 
 // Device workspace of the split-KV decode path for these params (sizes and max_context are used,
 // pointers are not) on the current device; 0 when the path does not apply (prefill chunks,

@@ -30,6 +30,9 @@ struct PagedKvCache {
   int32_t table_stride = 0;
   int32_t page_rows = 0;   // rows (tokens, or compressed tokens) per page
   int32_t ring_pages = 0;  // > 0: logical pages wrap around a ring of this many pages (window cache)
+  // Physical pages in the pool (0: unknown). Known, the split-KV decode kernels may copy whole-page
+  // chunks with tensor-map boxes, which need the pool's extent.
+  int32_t num_pages = 0;
 };
 
 }  // namespace needle::kernels

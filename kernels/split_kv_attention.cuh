@@ -5,8 +5,10 @@
 // It owns the tiling and the mergeable state; which rows a split covers, and what a branch means, is
 // the calling kernel's business.
 //
-// Tiling: K and V rows of a chunk go global -> shared with 16-byte cp.async (two chunks in flight
-// per CTA), rows padded by 16 bytes so ldmatrix is conflict-free. The G heads are the rows of 16-row
+// Tiling: K and V rows of a chunk go global -> shared (two chunks in flight per CTA) either with
+// 16-byte cp.async, rows padded by 16 bytes so ldmatrix is conflict-free, or, when the caller passes
+// a TmaRows source (chunks that lie inside one page of a pool with a tensor map), as tensor-map boxes
+// of [64 rows][64 columns] issued by one thread, landing with the 128-byte swizzle (TileAt). The G heads are the rows of 16-row
 // MMA tiles (GQA packing: a KV row is read once for all G heads); 4 warps are spread over
 // (head tile, 16-token sub-tile); scores and P.V run on bf16 tensor cores (mma.m16n8k16, f32
 // accumulation). P enters the P.V product as two bf16 parts (hi + lo), so the result carries ~16
@@ -14,8 +16,10 @@
 // (s = scale * log2(e) * q.k, exp2).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -53,7 +57,25 @@ struct Tile {
   static_assert(kMergeBytes <= kPipeBytes, "merge scratch must fit in the pipeline buffers");
   // Bytes before the caller's auxiliary region (score tile, selected block list).
   static constexpr size_t kAuxOffset = kPipeBytes + kRowPtrBytes;
+  // Tensor-map copies: K slabs at the stage's start, V slabs at kVOffset, both 1024-byte aligned
+  // (the swizzle's period; dynamic shared memory starts 1024-aligned), and the stages' mbarriers in
+  // the row address table, which that path does not use.
+  static constexpr size_t kVOffset = static_cast<size_t>(kRows) * kKStride * 2;
+  static constexpr bool kBoxes = DK % 64 == 0 && DV % 64 == 0 && kStageBytes % 1024 == 0 && kVOffset % 1024 == 0;
 };
+
+// Element (row, col) of a stage's K (D = DK) or V (D = DV) tile at `base`. Padded: rows of D + 8
+// elements. Swizzled (tensor-map copies): D / 64 slabs of [kRows][64] elements (one 128-byte box row
+// per tile row), 16-byte chunk j of row r stored at chunk j ^ (r % 8), the TMA 128-byte swizzle; the
+// stage offsets (Tile) are multiples of 1024 bytes, the pattern's period. col % 8 == 0.
+template <int D, bool kSwizzled>
+__device__ __forceinline__ const bf16* TileAt(const bf16* base, int row, int col) {
+  if constexpr (kSwizzled) {
+    return base + (col >> 6) * (kRows * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3);
+  } else {
+    return base + row * (D + 8) + col;
+  }
+}
 
 // Head tiles of 16 rows for G heads (1, 2 or 4, so that 4 warps divide evenly).
 __host__ __device__ inline int HeadTiles(int G) { return G <= 16 ? 1 : G <= 32 ? 2 : 4; }
@@ -223,6 +245,69 @@ __device__ void IssueChunk(char* smem, int stage, const RowSource& src, RowOf ro
   CopyChunk<DK, DV>(smem, stage, src, r);
 }
 
+// Chunks copied as tensor-map boxes: a chunk's rows [b, b + kRows) must lie inside one page (b a
+// multiple of kRows, page_rows a multiple of kRows). The maps view a pool as a [rows][d] bf16 matrix
+// from the layer's (page 0, KV head 0, row 0) on, boxes of [kRows][64] with the 128-byte swizzle
+// (MakeRowBoxMap); row i of this (sequence, KV head) is map row table[i / page_rows] *
+// rows_per_page + head_row + i % page_rows (int32: the host checks the map has < 2^31 rows).
+struct TmaRows {
+  const CUtensorMap* k_map = nullptr;
+  const CUtensorMap* v_map = nullptr;
+  const int32_t* table = nullptr;  // this sequence's row of the page table
+  int page_rows = 0;
+  int rows_per_page = 0;  // map rows between consecutive physical pages (k_page_stride / d_k)
+  int head_row = 0;       // KV head * page_rows
+
+  __device__ int32_t Page(int64_t i) const { return table[static_cast<uint32_t>(i) / static_cast<uint32_t>(page_rows)]; }
+  __device__ int MapRow(int64_t i, int32_t page) const {
+    return page * rows_per_page + head_row + static_cast<int>(static_cast<uint32_t>(i) % static_cast<uint32_t>(page_rows));
+  }
+};
+
+// The cp.async path's tag (AttendChunks' default).
+struct NoTma {};
+
+// The stage mbarriers of the tensor-map path (Tile::kBoxes), in the unused row address table.
+template <int DK, int DV>
+__device__ __forceinline__ uint64_t* StageBarriers(char* smem) {
+  return reinterpret_cast<uint64_t*>(smem + Tile<DK, DV>::kPipeBytes);
+}
+
+// One thread: the boxes of chunk r (rows in page `page`) into stage `stage`, completing on the
+// stage's mbarrier.
+template <int DK, int DV>
+__device__ __forceinline__ void IssueChunkBoxes(char* smem, int stage, const TmaRows& src, int32_t page,
+                                                const ChunkRange& r) {
+  using T = Tile<DK, DV>;
+  uint64_t* bar = StageBarriers<DK, DV>(smem) + stage;
+  char* ks = smem + stage * T::kStageBytes;
+  const int row = src.MapRow(r.score_begin, page);
+  FenceProxyAsyncShared();
+  MbarArriveExpect(bar, static_cast<uint32_t>(kRows) * (DK + DV) * 2);
+#pragma unroll
+  for (int slab = 0; slab < DK / 64; ++slab) TmaLoad2d(ks + slab * kRows * 128, src.k_map, slab * 64, row, bar);
+#pragma unroll
+  for (int slab = 0; slab < DV / 64; ++slab) {
+    TmaLoad2d(ks + T::kVOffset + slab * kRows * 128, src.v_map, slab * 64, row, bar);
+  }
+}
+
+// A box always brings kRows rows; V rows [rows, 16-row padding) of a short chunk hold whatever
+// follows in the page (NaN in a poisoned pool) and must be zeros before P.V (P is 0 there, and 0 x
+// NaN is NaN). K rows there only produce scores the mask replaces. Every thread calls it.
+template <int DK, int DV>
+__device__ __forceinline__ void ZeroBoxTail(char* smem, int stage, int rows) {
+  using T = Tile<DK, DV>;
+  const int fill = (rows + 15) & ~15;
+  char* vs = smem + stage * T::kStageBytes + T::kVOffset;
+  constexpr int kChunks = DV / 8;  // 16-byte chunks per row (all of a row's, so the swizzle does not matter)
+  for (int i = threadIdx.x; i < (fill - rows) * kChunks; i += kThreads) {
+    const int row = rows + i / kChunks, j = i % kChunks;
+    *reinterpret_cast<uint4*>(vs + (j / 8) * kRows * 128 + row * 128 + (j % 8) * 16) = make_uint4(0, 0, 0, 0);
+  }
+  FenceProxyAsyncShared();
+}
+
 // Where a CTA leaves the scores s (log2 domain) of each chunk, if anywhere: `tile` holds one chunk
 // ([16 * head tiles][kScoreStride], then the CTA calls its after-chunk hook); `rows` receives them
 // directly, row h at rows + h * row_stride + entry (heads < G only, no hook needed).
@@ -236,7 +321,7 @@ struct ScoreSink {
 // each folded into the warp's online softmax. Rows < attend_off are scored only; rows >= rows are
 // padding. Every head row's s of every row < rows goes to score_tile and/or score_rows (row
 // stride score_stride, chunk row 0 at column 0) when those are not null.
-template <int DK, int DV>
+template <int DK, int DV, bool kSwizzled = false>
 __device__ void ComputeChunk(const char* smem, int stage, const uint32_t (&qf)[DK / 16][4], int mt, int group,
                              int groups, int rows, int attend_off, float scale_log2, float* score_tile,
                              float* score_rows, int score_stride, int G, WarpState<DV>& st) {
@@ -252,7 +337,7 @@ __device__ void ComputeChunk(const char* smem, int stage, const uint32_t (&qf)[D
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
       uint32_t b[4];
-      LdMatrixX4(b, ks + (r0 + ((lane >> 4) << 3) + (lane & 7)) * T::kKStride + kk * 16 + ((lane >> 3) & 1) * 8);
+      LdMatrixX4(b, TileAt<DK, kSwizzled>(ks, r0 + ((lane >> 4) << 3) + (lane & 7), kk * 16 + ((lane >> 3) & 1) * 8));
       MmaBf16(kk % 2 == 0 ? s[0] : s_odd[0], qf[kk], b[0], b[1]);
       MmaBf16(kk % 2 == 0 ? s[1] : s_odd[1], qf[kk], b[2], b[3]);
     }
@@ -313,7 +398,7 @@ __device__ void ComputeChunk(const char* smem, int stage, const uint32_t (&qf)[D
 #pragma unroll
     for (int dn = 0; dn < DV / 16; ++dn) {
       uint32_t b[4];
-      LdMatrixX4Trans(b, vs + (r0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * T::kVStride + dn * 16 + (lane >> 4) * 8);
+      LdMatrixX4Trans(b, TileAt<DV, kSwizzled>(vs, r0 + ((lane >> 3) & 1) * 8 + (lane & 7), dn * 16 + (lane >> 4) * 8));
       MmaBf16(st.o[2 * dn], hi, b[0], b[1]);
       MmaBf16(st.o[2 * dn], lo, b[0], b[1]);
       MmaBf16(st.o[2 * dn + 1], hi, b[2], b[3]);
@@ -452,11 +537,15 @@ __device__ __forceinline__ QueryFragments<DK> LoadGroupQuery(const bf16* q_group
 // synchronises and calls after_chunk(c, range) on every thread. Every thread must call it; it may be
 // called again on the same shared memory. smem: Tile<DK, DV>::kAuxOffset bytes, then the caller's
 // auxiliary region. Query: `const bf16*` (q_group, loaded once the first chunks' copies are issued)
-// or QueryFragments<DK> from LoadGroupQuery (already loaded).
-template <int DK, int DV, class Query, class ChunkOf, class RowOf, class AfterChunk>
+// or QueryFragments<DK> from LoadGroupQuery (already loaded). Copies: 16-byte cp.async through
+// `src` (Tma = NoTma), or tensor-map boxes through `tma` (TmaRows; Tile<DK, DV>::kBoxes, row_of the
+// identity, every chunk inside one page as TmaRows says; `src` is then unused).
+template <int DK, int DV, class Query, class ChunkOf, class RowOf, class AfterChunk, class Tma = NoTma>
 __device__ void AttendChunks(const Query& query, int G, float scale_log2, const RowSource& src, int num_chunks,
                              ChunkOf chunk_of, RowOf row_of, char* smem, const ScoreSink& scores,
-                             AfterChunk after_chunk, float2* ml_out, float* acc_out) {
+                             AfterChunk after_chunk, float2* ml_out, float* acc_out, const Tma& tma = Tma{}) {
+  constexpr bool kBoxes = std::is_same_v<Tma, TmaRows>;
+  static_assert(!kBoxes || Tile<DK, DV>::kBoxes, "tensor-map copies need head dims that are multiples of 64");
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   float* const score_tile = scores.tile;
   __syncthreads();  // a previous call's merge may still read the shared memory
@@ -470,7 +559,24 @@ __device__ void AttendChunks(const Query& query, int G, float scale_log2, const 
   st.l[0] = st.l[1] = 0.0f;
 
   // Two chunks in flight: chunk c + 2 is issued as soon as chunk c's stage has been consumed.
-  for (int c = 0; c < num_chunks && c < kStages; ++c) IssueChunk<DK, DV>(smem, c, src, row_of, chunk_of(c));
+  uint64_t* const bars = StageBarriers<DK, DV>(smem);
+  if constexpr (kBoxes) {
+    // Thread 0 sets up the stages' mbarriers and issues every box; the page-table entries of the
+    // first two chunks are loaded together.
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < kStages; ++s) MbarInit(&bars[s]);
+      int32_t page[kStages];
+#pragma unroll
+      for (int c = 0; c < kStages; ++c) page[c] = c < num_chunks ? tma.Page(chunk_of(c).score_begin) : 0;
+#pragma unroll
+      for (int c = 0; c < kStages; ++c) {
+        if (c < num_chunks) IssueChunkBoxes<DK, DV>(smem, c, tma, page[c], chunk_of(c));
+      }
+    }
+    __syncthreads();  // the mbarriers are initialised before anyone waits on them
+  } else {
+    for (int c = 0; c < num_chunks && c < kStages; ++c) IssueChunk<DK, DV>(smem, c, src, row_of, chunk_of(c));
+  }
   uint32_t qf[DK / 16][4];
   if constexpr (std::is_same_v<Query, QueryFragments<DK>>) {
 #pragma unroll
@@ -483,27 +589,54 @@ __device__ void AttendChunks(const Query& query, int G, float scale_log2, const 
   }
   for (int c = 0; c < num_chunks; ++c) {
     const ChunkRange r = chunk_of(c);
-    if (c + 1 < num_chunks) {
-      CpAsyncWait<1>();
+    const int rows = static_cast<int>(r.end - r.score_begin);
+    if constexpr (kBoxes) {
+      MbarWait(&bars[c % kStages], (c / kStages) & 1);
+      if (rows % 16 != 0) {  // uniform over the CTA
+        ZeroBoxTail<DK, DV>(smem, c % kStages, rows);
+        __syncthreads();
+      }
     } else {
-      CpAsyncWait<0>();
+      if (c + 1 < num_chunks) {
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      __syncthreads();
     }
-    __syncthreads();
     // Chunk c + 2's page-table lookups start now; their addresses are stored after the math, where
-    // the barrier that frees stage c % kStages also publishes them (two barriers per chunk).
+    // the barrier that frees stage c % kStages also publishes them (two barriers per chunk). Boxes:
+    // thread 0 looks up the chunk's one page and issues its boxes after that barrier.
     const bool more = c + kStages < num_chunks;
     const ChunkRange next = more ? chunk_of(c + kStages) : r;
-    const RowLookup lookup = more ? LookUpRow(src, row_of, next) : RowLookup{};
-    const int rows = static_cast<int>(r.end - r.score_begin);
-    ComputeChunk<DK, DV>(smem, c % kStages, qf, mt, group, groups, rows, static_cast<int>(r.attend_begin - r.score_begin),
-                         scale_log2, score_tile, scores.rows == nullptr ? nullptr : scores.rows + r.score_begin,
-                         scores.row_stride, G, st);
-    if (more) StoreRowPointers<DK, DV>(smem, c % kStages, src, lookup);
+    RowLookup lookup;
+    int32_t next_page = 0;
+    if constexpr (kBoxes) {
+      if (more && threadIdx.x == 0) next_page = tma.Page(next.score_begin);
+    } else {
+      if (more) lookup = LookUpRow(src, row_of, next);
+    }
+    ComputeChunk<DK, DV, kBoxes>(smem, c % kStages, qf, mt, group, groups, rows,
+                                 static_cast<int>(r.attend_begin - r.score_begin), scale_log2, score_tile,
+                                 scores.rows == nullptr ? nullptr : scores.rows + r.score_begin, scores.row_stride, G,
+                                 st);
+    if constexpr (!kBoxes) {
+      if (more) StoreRowPointers<DK, DV>(smem, c % kStages, src, lookup);
+    }
     __syncthreads();  // stage c % kStages is free; chunk c + 2's addresses and the score tile are complete
-    if (more) CopyChunk<DK, DV>(smem, c % kStages, src, next);
+    if constexpr (kBoxes) {
+      if (more && threadIdx.x == 0) IssueChunkBoxes<DK, DV>(smem, c % kStages, tma, next_page, next);
+    } else {
+      if (more) CopyChunk<DK, DV>(smem, c % kStages, src, next);
+    }
     if (score_tile != nullptr) {
       after_chunk(c, r);
       __syncthreads();  // the next chunk's scores overwrite the tile
+    }
+  }
+  if constexpr (kBoxes) {
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < kStages; ++s) MbarInval(&bars[s]);
     }
   }
 
@@ -722,6 +855,58 @@ cudaError_t LaunchWithPdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
     e = cudaLaunchKernelEx(&config, kernel, args...);
   }
   return e;
+}
+
+// Tensor maps of one paged pool for TmaRows: K and V of the layer `cache` points at as [rows][d]
+// matrices, [kRows][64] boxes, 128-byte swizzle. Built on the host (cuTensorMapEncodeTiled through
+// the runtime's driver entry point: no link to libcuda) and passed in a __grid_constant__ kernel
+// argument. false (use cp.async) unless the device is sm_90+, the pool's page count is known, pages
+// are whole chunks (page_rows a multiple of kRows, no ring), K and V pages have the same rows per
+// page in the map, and the map has < 2^31 rows.
+struct CacheBoxMaps {
+  CUtensorMap k;
+  CUtensorMap v;
+  int rows_per_page = 0;
+};
+
+__host__ inline bool EncodeRowBoxMap(const void* base, int64_t rows, int d, CUtensorMap* map) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || d % 64 != 0) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(d) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(kRows)};
+  const cuuint32_t step[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, step,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+__host__ inline bool MakeCacheBoxMaps(const PagedKvCache& c, int num_kv_heads, int dk, int dv, CacheBoxMaps* out) {
+  if (c.num_pages < 1 || c.ring_pages != 0 || c.page_rows % kRows != 0 || dk % 64 != 0 || dv % 64 != 0) return false;
+  if (c.k_page_stride % dk != 0 || c.v_page_stride % dv != 0 || c.k_page_stride / dk != c.v_page_stride / dv) {
+    return false;
+  }
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9) {
+    cudaGetLastError();
+    return false;
+  }
+  const int64_t rows_per_page = c.k_page_stride / dk;
+  const int64_t rows = (static_cast<int64_t>(c.num_pages) - 1) * rows_per_page + static_cast<int64_t>(num_kv_heads) * c.page_rows;
+  if (rows > INT32_MAX) return false;
+  out->rows_per_page = static_cast<int>(rows_per_page);
+  return EncodeRowBoxMap(c.k, rows, dk, &out->k) && EncodeRowBoxMap(c.v, rows, dv, &out->v);
 }
 
 // Resident CTAs of `kernel` (kThreads threads, `smem` dynamic bytes) per wave over the device; sets

@@ -1,7 +1,8 @@
 // Hardware primitives of the split-KV attention kernels (kernels/split_kv_attention.cuh): 16-byte
-// cp.async copies into shared memory (with zero fill), ldmatrix, the bf16 m16n8k16 tensor-core MMA,
-// and programmatic dependent launch (PDL) controls. Thin wrappers over PTX for sm_80+ (PDL: sm_90),
-// no policy: what to load and how warps share a tile is split_kv_attention.cuh's business.
+// cp.async copies into shared memory (with zero fill), tensor-map (TMA) box copies completing on an
+// mbarrier, ldmatrix, the bf16 m16n8k16 tensor-core MMA, and programmatic dependent launch (PDL)
+// controls. Thin wrappers over PTX for sm_80+ (PDL, mbarrier transactions and TMA: sm_90), no
+// policy: what to load and how warps share a tile is split_kv_attention.cuh's business.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 with 16-bit inputs), lane = threadIdx.x % 32:
 //   A (16x16, row-major) a0: (lane/4, 2(lane%4)+{0,1})   a1: row +8   a2: col +8   a3: row +8, col +8
@@ -9,6 +10,7 @@
 //   C (16x8, f32)        c0,c1: (lane/4, 2(lane%4)+{0,1})   c2,c3: row +8
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -37,6 +39,67 @@ __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_
 template <int kPending>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ---- mbarrier and tensor-map copies (sm_90) ------------------------------------------------------
+// A shared-memory mbarrier counts one arrival (the thread that issues the copies, with the bytes it
+// expects) and completes when those bytes have landed; waiters spin on its phase parity. Used only by
+// the tensor-map path, which the host enables on sm_90 alone.
+
+__device__ __forceinline__ void MbarInit(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(SharedAddress(bar)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void MbarInval(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(SharedAddress(bar)) : "memory");
+#endif
+}
+
+// Arrives on `bar` and adds `bytes` to the transaction count its current phase waits for.
+__device__ __forceinline__ void MbarArriveExpect(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SharedAddress(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+
+// Blocks until the phase with parity `parity` of `bar` has completed.
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "MBAR_WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra MBAR_WAIT_%=;\n"
+      "}\n" ::"r"(SharedAddress(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+
+// Orders this thread's earlier generic-proxy shared-memory accesses before later async-proxy (TMA)
+// ones: a stage that threads wrote (zero fill) is then safe to overwrite with a box copy.
+__device__ __forceinline__ void FenceProxyAsyncShared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// One box of a 2-D tensor map (coordinates: column, row) to shared memory, completing on `bar`.
+// `map` must live in param (a __grid_constant__ kernel argument), constant or global memory.
+__device__ __forceinline__ void TmaLoad2d(void* smem_dst, const CUtensorMap* map, int col, int row, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          SharedAddress(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(SharedAddress(bar))
+      : "memory");
+#endif
 }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses (16 bytes each) of matrix i.

@@ -131,6 +131,7 @@ absl::Status CudaExecutor::Init(const ModelWeights& weights, const KvCacheConfig
     pool.k_page_stride = static_cast<int64_t>(m.num_layers) * m.num_kv_heads * pool.rows * m.head_dim_qk;
     pool.v_page_stride = static_cast<int64_t>(m.num_layers) * m.num_kv_heads * pool.rows * m.head_dim_v;
     const size_t pages = static_cast<size_t>(cache.num_pages[p]) + 1;
+    pool.pages = static_cast<int32_t>(pages);
     const std::string what = absl::StrCat("the ", PoolName(static_cast<Pool>(p)), " KV pool");
     NEEDLE_RETURN_IF_ERROR(pool.k.Allocate(pages * pool.k_page_stride * sizeof(bf16), what.c_str()));
     NEEDLE_RETURN_IF_ERROR(pool.v.Allocate(pages * pool.v_page_stride * sizeof(bf16), what.c_str()));
@@ -316,6 +317,7 @@ kernels::PagedKvCache CudaExecutor::Cache(Pool p, int layer, const StepPlanLayou
   c.table_stride = sp.table_stride[Index(p)];
   c.page_rows = d.rows;
   c.ring_pages = p == Pool::kWindow ? geo_.layout.window_ring_pages : 0;
+  c.num_pages = d.pages;
   return c;
 }
 

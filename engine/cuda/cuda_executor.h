@@ -82,6 +82,7 @@ class CudaExecutor final : public Executor {
   struct DevicePool {
     DeviceBuffer k, v;
     int rows = 0;
+    int32_t pages = 0;  // physical pages, the poison page included
     int64_t k_page_stride = 0, v_page_stride = 0;  // elements
   };
 

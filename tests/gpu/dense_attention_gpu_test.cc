@@ -47,6 +47,7 @@ struct DenseCase {
   bool simple_prefill = false;  // prefill: force the simple kernel (DenseAttentionParams::simple_prefill)
   bool p_bf16 = false;          // prefill: DenseAttentionParams::prefill_p_bf16
   float atol = kAtol;
+  bool cp_async = false;  // split-KV decode: DenseAttentionParams::cp_async_copies
 };
 
 // Absolute tolerance of the prefill path with P rounded to bf16 once: the rounding moves each
@@ -119,6 +120,7 @@ void RunDenseCase(const DenseCase& c, bool decode, int split_chunks = kSingleKer
   p.kv = cache.view;
   p.simple_prefill = c.simple_prefill;
   p.prefill_p_bf16 = c.p_bf16;
+  p.cp_async_copies = c.cp_async;
   DeviceArray<uint8_t> d_workspace;
   if (split_chunks == kSingleKernel) {
     ASSERT_EQ(DenseAttentionWorkspaceBytes(num_tokens, hkv, G, 1), 0u);
@@ -128,6 +130,11 @@ void RunDenseCase(const DenseCase& c, bool decode, int split_chunks = kSingleKer
     ASSERT_TRUE(DenseAttentionSplitKvSupported(dk, dv, G));
     p.max_context = static_cast<int>(*std::max_element(rows.begin(), rows.end())) + max_context_slack;
     p.chunks_per_split = split_chunks;
+    // Whole-chunk pages on sm_90 are copied as tensor-map boxes unless the case asks for cp.async.
+    int device = 0, major = 0;
+    NEEDLE_CUDA_ASSERT(cudaGetDevice(&device));
+    NEEDLE_CUDA_ASSERT(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    EXPECT_EQ(DenseAttentionSplitKvCopiesBoxes(p), !c.cp_async && c.page_rows % 64 == 0 && major >= 9);
     const size_t bytes = DenseAttentionSplitKvWorkspaceBytes(p);
     ASSERT_GT(bytes, 0u);
     NEEDLE_CUDA_ASSERT(d_workspace.Allocate(bytes));
@@ -221,13 +228,16 @@ TEST(DenseAttentionGpuTest, SplitKvDecode) {
       {"d128 G16 pages128", 128, 128, 2, 16, DecodeAt(kPositions), 128},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
-    DenseCase c = cases[i];
-    c.seed = 1700 + i;
-    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, kAutoSplits));
-    c.seed += 50;
-    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, 1, /*max_context_slack=*/100));
-    c.seed += 50;
-    ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, 3));
+    for (bool cp_async : {false, true}) {  // tensor-map boxes where the pages allow them, and cp.async
+      DenseCase c = cases[i];
+      c.cp_async = cp_async;
+      c.seed = 1700 + i + (cp_async ? 500 : 0);
+      ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, kAutoSplits));
+      c.seed += 50;
+      ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, 1, /*max_context_slack=*/100));
+      c.seed += 50;
+      ASSERT_NO_FATAL_FAILURE(RunDenseCase(c, /*decode=*/true, 3));
+    }
   }
 }
 

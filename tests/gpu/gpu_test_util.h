@@ -271,6 +271,7 @@ inline void BuildDevicePagedCache(const std::vector<const float*>& k_src, const 
   c.table_stride = stride;
   c.page_rows = page_rows;
   c.ring_pages = ring_pages;
+  c.num_pages = kp.num_pages;
 }
 
 // ---- Comparison ---------------------------------------------------------------------------------
