@@ -64,8 +64,9 @@ ABSL_FLAG(std::vector<std::string>, prefill_contexts, std::vector<std::string>({
           "--prefill: position of the chunk's first token");
 ABSL_FLAG(bool, nsa_prefill, false,
           "time NSA prefill chunks (paper geometry; tensor-core path vs simple kernel vs dense prefill)");
-ABSL_FLAG(bool, dense_cp_async, false,
-          "dense split-KV decode copies chunks with 16-byte cp.async instead of tensor-map boxes (A/B runs)");
+ABSL_FLAG(bool, cp_async, false,
+          "the split-KV decode kernels (NSA and dense) copy every chunk with 16-byte cp.async, no tensor-map boxes "
+          "(A/B runs)");
 ABSL_FLAG(bool, profile, false, "launch each configuration's kernels once, untimed (for ncu), and exit");
 
 namespace needle::bench {
@@ -314,6 +315,7 @@ void Build(Config* c, int num_copies, cudaStream_t stream) {
     p.selection = copy.selection.view;
     p.window = g.shared_kv ? copy.selection.view : copy.window.view;
     p.shared_kv = g.shared_kv;
+    p.cp_async_copies = absl::GetFlag(FLAGS_cp_async);
     c->nsa.push_back(p);
     kernels::DenseAttentionParams d;
     d.q = p.q;
@@ -328,7 +330,7 @@ void Build(Config* c, int num_copies, cudaStream_t stream) {
     d.softmax_scale = scale;
     d.kv = copy.selection.view;
     d.max_context = static_cast<int>(c->ctx);
-    d.cp_async_copies = absl::GetFlag(FLAGS_dense_cp_async);
+    d.cp_async_copies = absl::GetFlag(FLAGS_cp_async);
     c->dense.push_back(d);
   }
   c->nsa_workspace = DeviceBuffer(kernels::NsaDecodeSplitKvWorkspaceBytes(c->nsa[0]));

@@ -74,7 +74,7 @@ cudaError_t NsaSplitKv(const NsaDecodeParams& p, void* workspace, size_t limit, 
   namespace sk = detail::splitkv;
   *planned = false;
   const int G = p.num_heads / p.num_kv_heads;
-  auto partial = ns::NsaPartialKernel<DK, DV>;
+  auto partial = ns::NsaPartialKernel<DK, DV, ns::kPhaseCompressed, false>;
   const size_t partial_smem = ns::PartialSmemBytes<DK, DV>(G, p.geometry.num_selected, true);
   if (partial_smem > detail::kMaxSmemBytes) return cudaSuccess;
   ns::NsaSplitPlan plan;
@@ -100,15 +100,21 @@ cudaError_t NsaSplitKv(const NsaDecodeParams& p, void* workspace, size_t limit, 
   a.states.dv = DV;
   a.lb = plan.score ? reinterpret_cast<float*>(ws + plan.lb_offset) : nullptr;
   a.sel = reinterpret_cast<int32_t*>(ws + plan.sel_offset);
+  ns::ChooseBoxes<DK, DV>(p, &a);
+  auto compressed = a.cmp_boxes ? ns::NsaPartialKernel<DK, DV, ns::kPhaseCompressed, true> : partial;
+  auto selected = a.sel_boxes ? ns::NsaPartialKernel<DK, DV, ns::kPhaseWindowSelected, true>
+                              : ns::NsaPartialKernel<DK, DV, ns::kPhaseWindowSelected, false>;
+  for (auto kernel : {compressed, selected}) {
+    const cudaError_t e = detail::AllowDynamicSmem(kernel, partial_smem);
+    if (e != cudaSuccess) return e;
+  }
   cudaError_t e = detail::AllowDynamicSmem(ns::NsaSelectKernel, select_smem);
   if (e != cudaSuccess) return e;
-  e = sk::LaunchWithPdl(partial, dim3(pairs * plan.cmp_splits), dim3(sk::kThreads), partial_smem, stream, a,
-                        ns::kPhaseCompressed);
+  e = sk::LaunchWithPdl(compressed, dim3(pairs * plan.cmp_splits), dim3(sk::kThreads), partial_smem, stream, a);
   if (e != cudaSuccess) return e;
   e = sk::LaunchWithPdl(ns::NsaSelectKernel, dim3(pairs), dim3(ns::kSelectThreads), select_smem, stream, a);
   if (e != cudaSuccess) return e;
-  e = sk::LaunchWithPdl(partial, dim3(pairs * plan.slc_splits), dim3(sk::kThreads), partial_smem, stream, a,
-                        ns::kPhaseWindowSelected);
+  e = sk::LaunchWithPdl(selected, dim3(pairs * plan.slc_splits), dim3(sk::kThreads), partial_smem, stream, a);
   if (e != cudaSuccess) return e;
   return sk::LaunchWithPdl(ns::NsaMergeKernel, dim3(pairs * (G / plan.merge_heads)), dim3(ns::kMergeThreads), 0, stream,
                            a);
@@ -134,6 +140,18 @@ cudaError_t LaunchSingleKernel(const NsaDecodeParams& p, cudaStream_t stream) {
 bool NsaDecodeSplitKvSupported(int head_dim_qk, int head_dim_v, int group_size) {
   if (!NsaDecodeSupported(head_dim_qk, head_dim_v, group_size)) return false;
   return DispatchSplitKvHeadDims(head_dim_qk, head_dim_v, [](auto) { return cudaSuccess; }) == cudaSuccess;
+}
+
+bool NsaDecodeSplitKvCopiesBoxes(const NsaDecodeParams& p, bool compressed_branch) {
+  if (!ShapeValid(p) || !NsaDecodeSplitKvSupported(p.head_dim_qk, p.head_dim_v, p.num_heads / p.num_kv_heads)) {
+    return false;
+  }
+  detail::nsa_split::NsaSplitArgs a;
+  DispatchSplitKvHeadDims(p.head_dim_qk, p.head_dim_v, [&](auto dims) {
+    detail::nsa_split::ChooseBoxes<decltype(dims)::qk, decltype(dims)::v>(p, &a);
+    return cudaSuccess;
+  });
+  return compressed_branch ? a.cmp_boxes : a.sel_boxes;
 }
 
 size_t NsaDecodeSplitKvWorkspaceBytes(const NsaDecodeParams& p) {

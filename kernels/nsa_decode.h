@@ -73,7 +73,17 @@ struct NsaDecodeParams {
   // Split-KV path only: 0 picks the chunks (64 rows each) per thread block from the batch shape and
   // the device; k > 0 makes every split k chunks (tests and tuning).
   int chunks_per_split = 0;
+  // Split-KV path only: copy K/V chunks with 16-byte cp.async even where tensor-map boxes apply
+  // (NsaDecodeSplitKvCopiesBoxes; tests and benchmarks).
+  bool cp_async_copies = false;
 };
+
+// Whether the split-KV path, for these params on the current device, copies the chunks of the
+// selected blocks (compressed_branch false) or of the compressed branch (true) as tensor-map boxes
+// rather than with 16-byte cp.async: sm_90, the pool's num_pages known, page_rows a multiple of 64,
+// and chunks that start on multiples of 64 rows (selected: l' a multiple of 64; compressed:
+// l = d = l'). Same results either way; the boxes stream faster.
+bool NsaDecodeSplitKvCopiesBoxes(const NsaDecodeParams& params, bool compressed_branch);
 
 // Whether the kernels are instantiated for these head dims (d_k/d_v pairs 64/64, 128/128, 192/128, 192/192,
 // 16/16, 32/32, 24/16) and group size (1..64). Refuse a model at load when this is false.

@@ -77,18 +77,43 @@ struct NsaSplitArgs {
   splitkv::PartialStates states;  // slots: compressed splits, then window, then selected
   float* lb = nullptr;            // [pairs][G][lb_stride] log2 block masses (when plan.score)
   int32_t* sel = nullptr;         // [pairs][num_selected] ascending block ids, -1 in unused slots
+  // Tensor-map boxes (splitkv::TmaRows) for the selected blocks (whole 64-row chunks of the
+  // selection pool when l' is a multiple of 64) and the compressed chunks (when every chunk starts
+  // on a multiple of 64 compressed tokens: l = d = l'); cp.async otherwise.
+  bool sel_boxes = false, cmp_boxes = false;
+  splitkv::CacheBoxMaps sel_maps, cmp_maps;
 };
+
+// TmaRows of one (sequence, KV head) over a pool with maps `m`.
+__device__ __forceinline__ splitkv::TmaRows BoxRows(const PagedKvCache& c, const splitkv::CacheBoxMaps& m, int seq,
+                                                   int kv_head) {
+  splitkv::TmaRows r;
+  r.k_map = &m.k;
+  r.v_map = &m.v;
+  r.table = c.page_table + static_cast<int64_t>(seq) * c.table_stride;
+  r.page_rows = c.page_rows;
+  r.rows_per_page = m.rows_per_page;
+  r.head_row = kv_head * c.page_rows;
+  return r;
+}
 
 // ---- Kernels 1 and 3 ------------------------------------------------------------------------------
 
-template <int DK, int DV>
-__global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const NsaSplitArgs a, int phase) {
-  extern __shared__ __align__(16) char smem[];
+template <int DK, int DV, bool kBoxes>
+__device__ __forceinline__ void CompressedPhase(const NsaSplitArgs& a, char* smem, int pair, int item, int seq,
+                                                int kv_head, int G, int64_t t, bool valid, const bf16* q,
+                                                float scale_log2);
+
+// One instantiation per (phase, copy path): kBoxes copies the phase's box-eligible chunks (the
+// compressed chunks in phase 1, the selected blocks in phase 3; NsaSplitArgs) as tensor-map boxes.
+template <int DK, int DV, int kPhase, bool kBoxes>
+__global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const __grid_constant__ NsaSplitArgs a) {
+  extern __shared__ __align__(1024) char smem[];
   using Tile = splitkv::Tile<DK, DV>;
   // The window + selected phase starts only once the select kernel has passed its own wait, so
   // everything before this step (queries, caches, positions) is complete; it waits just before
   // reading the selection. The compressed phase reads the step's inputs right away and waits first.
-  if (phase != kPhaseWindowSelected) WaitForPrerequisiteGrids();
+  if constexpr (kPhase != kPhaseWindowSelected) WaitForPrerequisiteGrids();
   AllowDependentLaunch();
   const NsaDecodeParams& p = a.p;
   const NsaSplitPlan& plan = a.plan;
@@ -107,7 +132,7 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
   auto same_row = [](int64_t f) { return f; };
   auto no_scores = [](int, const ChunkRange&) {};
 
-  if (phase == kPhaseWindowSelected) {
+  if constexpr (kPhase == kPhaseWindowSelected) {
     // The queries are step inputs (complete, see above): loaded now, they are not one more round trip
     // after the wait for the selection.
     const splitkv::QueryFragments<DK> qf = splitkv::LoadGroupQuery<DK>(q, G);
@@ -147,13 +172,33 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
       const int i = static_cast<int>(f), b = i / static_cast<int>(lp);
       return static_cast<int64_t>(sel[b]) * lp + (i - b * static_cast<int>(lp));
     };
-    splitkv::AttendChunks<DK, DV>(qf, G, scale_log2, PagedRows(p.selection, seq, kv_head, DK, DV), count, chunk_of,
-                                  selected_row, smem, splitkv::ScoreSink{}, no_scores, ps.ml + ps.Index(pair, slot),
-                                  ps.acc + ps.Index(pair, slot) * DV);
-    return;
+    auto attend = [&](const auto& tma) {
+      splitkv::AttendChunks<DK, DV>(qf, G, scale_log2, PagedRows(p.selection, seq, kv_head, DK, DV), count, chunk_of,
+                                    selected_row, smem, splitkv::ScoreSink{}, no_scores, ps.ml + ps.Index(pair, slot),
+                                    ps.acc + ps.Index(pair, slot) * DV, tma);
+    };
+    if constexpr (kBoxes) {
+      attend(BoxRows(p.selection, a.sel_maps, seq, kv_head));
+    } else {
+      attend(splitkv::NoTma{});
+    }
+  } else {
+    CompressedPhase<DK, DV, kBoxes>(a, smem, pair, item, seq, kv_head, G, t, valid, q, scale_log2);
   }
+}
 
-  // Kernel 1: run `item` of the pair's compressed chunks.
+// Kernel 1's body: run `item` of the pair's compressed chunks.
+template <int DK, int DV, bool kBoxes>
+__device__ __forceinline__ void CompressedPhase(const NsaSplitArgs& a, char* smem, int pair, int item, int seq,
+                                                int kv_head, int G, int64_t t, bool valid, const bf16* q,
+                                                float scale_log2) {
+  const NsaDecodeParams& p = a.p;
+  const NsaSplitPlan& plan = a.plan;
+  const NsaKernelGeometry& geo = p.geometry;
+  char* aux = smem + splitkv::Tile<DK, DV>::kAuxOffset;
+  const splitkv::PartialStates& ps = a.states;
+  const int64_t lp = geo.sel_block;
+  auto same_row = [](int64_t f) { return f; };
   const int slot = item;
   const int64_t nb = valid ? t / lp + 1 : 0;
   const int64_t nc = valid ? NumCompressed(geo, t) : 0;
@@ -191,9 +236,16 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const N
     const int ja = (c0 + c) * B, jb = min(ja + B, static_cast<int>(nb));
     nsa_chunks::BlockMasses(geo, grid, G, tile, ja, jb - ja, r, lb_pair, plan.lb_stride);
   };
-  splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
-                                same_row, smem, sink, block_masses, ps.ml + ps.Index(pair, slot),
-                                ps.acc + ps.Index(pair, slot) * DV);
+  auto attend = [&](const auto& tma) {
+    splitkv::AttendChunks<DK, DV>(q, G, scale_log2, PagedRows(p.compressed, seq, kv_head, DK, DV), count, chunk_of,
+                                  same_row, smem, sink, block_masses, ps.ml + ps.Index(pair, slot),
+                                  ps.acc + ps.Index(pair, slot) * DV, tma);
+  };
+  if constexpr (kBoxes) {
+    attend(BoxRows(p.compressed, a.cmp_maps, seq, kv_head));
+  } else {
+    attend(splitkv::NoTma{});
+  }
 }
 
 // ---- Kernel 2 -------------------------------------------------------------------------------------
@@ -540,6 +592,22 @@ __global__ void __launch_bounds__(kMergeThreads) NsaMergeKernel(const NsaSplitAr
 }
 
 // ---- Host plan ------------------------------------------------------------------------------------
+
+// Sets a.sel_boxes / a.cmp_boxes (and their maps) where the chunks allow tensor-map boxes (see
+// NsaSplitArgs) and p.cp_async_copies does not forbid them.
+template <int DK, int DV>
+void ChooseBoxes(const NsaDecodeParams& p, NsaSplitArgs* a) {
+  a->sel_boxes = a->cmp_boxes = false;
+  if (p.cp_async_copies || !splitkv::Tile<DK, DV>::kBoxes) return;
+  const NsaKernelGeometry& g = p.geometry;
+  a->sel_boxes = g.sel_block % kRows == 0 && splitkv::MakeCacheBoxMaps(p.selection, p.num_kv_heads, DK, DV, &a->sel_maps);
+  // Chunk c starts at FirstOverlappingToken(c B), linear in c past c = 0: multiples of kRows when
+  // chunks 1 and 2 start at kRows and 2 kRows.
+  const int B = CmpBlocksPerChunk(g);
+  const bool aligned = B > 0 && nsa_chunks::FirstOverlappingToken<int64_t>(g, B) == kRows &&
+                       nsa_chunks::FirstOverlappingToken<int64_t>(g, 2 * B) == 2 * kRows;
+  a->cmp_boxes = aligned && splitkv::MakeCacheBoxMaps(p.compressed, p.num_kv_heads, DK, DV, &a->cmp_maps);
+}
 
 // Dynamic shared memory of kernels 1/3 (the larger of the score tile and the selected-id list).
 template <int DK, int DV>

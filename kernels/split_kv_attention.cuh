@@ -245,8 +245,8 @@ __device__ void IssueChunk(char* smem, int stage, const RowSource& src, RowOf ro
   CopyChunk<DK, DV>(smem, stage, src, r);
 }
 
-// Chunks copied as tensor-map boxes: a chunk's rows [b, b + kRows) must lie inside one page (b a
-// multiple of kRows, page_rows a multiple of kRows). The maps view a pool as a [rows][d] bf16 matrix
+// Chunks copied as tensor-map boxes: the rows of a chunk, row_of(score_begin) = b onwards, must be
+// consecutive and lie inside one page (b a multiple of kRows, page_rows a multiple of kRows). The maps view a pool as a [rows][d] bf16 matrix
 // from the layer's (page 0, KV head 0, row 0) on, boxes of [kRows][64] with the 128-byte swizzle
 // (MakeRowBoxMap); row i of this (sequence, KV head) is map row table[i / page_rows] *
 // rows_per_page + head_row + i % page_rows (int32: the host checks the map has < 2^31 rows).
@@ -273,15 +273,15 @@ __device__ __forceinline__ uint64_t* StageBarriers(char* smem) {
   return reinterpret_cast<uint64_t*>(smem + Tile<DK, DV>::kPipeBytes);
 }
 
-// One thread: the boxes of chunk r (rows in page `page`) into stage `stage`, completing on the
-// stage's mbarrier.
+// One thread: the boxes of the chunk whose first row is `first` (in page `page`) into stage
+// `stage`, completing on the stage's mbarrier.
 template <int DK, int DV>
 __device__ __forceinline__ void IssueChunkBoxes(char* smem, int stage, const TmaRows& src, int32_t page,
-                                                const ChunkRange& r) {
+                                                int64_t first) {
   using T = Tile<DK, DV>;
   uint64_t* bar = StageBarriers<DK, DV>(smem) + stage;
   char* ks = smem + stage * T::kStageBytes;
-  const int row = src.MapRow(r.score_begin, page);
+  const int row = src.MapRow(first, page);
   FenceProxyAsyncShared();
   MbarArriveExpect(bar, static_cast<uint32_t>(kRows) * (DK + DV) * 2);
 #pragma unroll
@@ -538,8 +538,8 @@ __device__ __forceinline__ QueryFragments<DK> LoadGroupQuery(const bf16* q_group
 // called again on the same shared memory. smem: Tile<DK, DV>::kAuxOffset bytes, then the caller's
 // auxiliary region. Query: `const bf16*` (q_group, loaded once the first chunks' copies are issued)
 // or QueryFragments<DK> from LoadGroupQuery (already loaded). Copies: 16-byte cp.async through
-// `src` (Tma = NoTma), or tensor-map boxes through `tma` (TmaRows; Tile<DK, DV>::kBoxes, row_of the
-// identity, every chunk inside one page as TmaRows says; `src` is then unused).
+// `src` (Tma = NoTma), or tensor-map boxes through `tma` (TmaRows; Tile<DK, DV>::kBoxes, each
+// chunk's rows consecutive inside one page as TmaRows says; `src` is then unused).
 template <int DK, int DV, class Query, class ChunkOf, class RowOf, class AfterChunk, class Tma = NoTma>
 __device__ void AttendChunks(const Query& query, int G, float scale_log2, const RowSource& src, int num_chunks,
                              ChunkOf chunk_of, RowOf row_of, char* smem, const ScoreSink& scores,
@@ -565,12 +565,16 @@ __device__ void AttendChunks(const Query& query, int G, float scale_log2, const 
     // first two chunks are loaded together.
     if (threadIdx.x == 0) {
       for (int s = 0; s < kStages; ++s) MbarInit(&bars[s]);
+      int64_t first[kStages];
       int32_t page[kStages];
 #pragma unroll
-      for (int c = 0; c < kStages; ++c) page[c] = c < num_chunks ? tma.Page(chunk_of(c).score_begin) : 0;
+      for (int c = 0; c < kStages; ++c) {
+        first[c] = c < num_chunks ? row_of(chunk_of(c).score_begin) : 0;
+        page[c] = c < num_chunks ? tma.Page(first[c]) : 0;
+      }
 #pragma unroll
       for (int c = 0; c < kStages; ++c) {
-        if (c < num_chunks) IssueChunkBoxes<DK, DV>(smem, c, tma, page[c], chunk_of(c));
+        if (c < num_chunks) IssueChunkBoxes<DK, DV>(smem, c, tma, page[c], first[c]);
       }
     }
     __syncthreads();  // the mbarriers are initialised before anyone waits on them
@@ -610,9 +614,13 @@ __device__ void AttendChunks(const Query& query, int G, float scale_log2, const 
     const bool more = c + kStages < num_chunks;
     const ChunkRange next = more ? chunk_of(c + kStages) : r;
     RowLookup lookup;
+    int64_t next_first = 0;
     int32_t next_page = 0;
     if constexpr (kBoxes) {
-      if (more && threadIdx.x == 0) next_page = tma.Page(next.score_begin);
+      if (more && threadIdx.x == 0) {
+        next_first = row_of(next.score_begin);
+        next_page = tma.Page(next_first);
+      }
     } else {
       if (more) lookup = LookUpRow(src, row_of, next);
     }
@@ -625,7 +633,7 @@ __device__ void AttendChunks(const Query& query, int G, float scale_log2, const 
     }
     __syncthreads();  // stage c % kStages is free; chunk c + 2's addresses and the score tile are complete
     if constexpr (kBoxes) {
-      if (more && threadIdx.x == 0) IssueChunkBoxes<DK, DV>(smem, c % kStages, tma, next_page, next);
+      if (more && threadIdx.x == 0) IssueChunkBoxes<DK, DV>(smem, c % kStages, tma, next_page, next_first);
     } else {
       if (more) CopyChunk<DK, DV>(smem, c % kStages, src, next);
     }

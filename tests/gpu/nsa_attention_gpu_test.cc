@@ -81,7 +81,24 @@ struct NsaCase {
   // it and both strides the row width, so a kernel that assumes contiguous rows reads V or NaN.
   int chunk_pad = -1;
   bool tensor_cores = false;  // prefill: the tensor-core path must run (NsaPrefillUsesTensorCores)
+  bool cp_async = false;      // split-KV decode: NsaDecodeParams::cp_async_copies
 };
+
+// Whether the split-KV decode should copy a branch's chunks as tensor-map boxes: sm_90, pages of
+// whole 64-row chunks, and chunks that start on multiples of 64 rows (selected blocks: l' a multiple
+// of 64; compressed: no overlapping tokens, l = d, and l' / d dividing 64).
+bool ExpectBoxes(const NsaCase& c, bool compressed) {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return false;
+  }
+  if (c.cp_async || major < 9) return false;
+  const NsaKernelGeometry& g = c.geo;
+  if (!compressed) return c.page_rows % 64 == 0 && g.sel_block % 64 == 0;
+  return c.cmp_page_rows % 64 == 0 && g.cmp_block == g.cmp_stride && g.sel_block % g.cmp_stride == 0 &&
+         64 % (g.sel_block / g.cmp_stride) == 0;
+}
 
 std::vector<SeqSpec> DecodeAt(const std::vector<int>& positions) {
   std::vector<SeqSpec> s;
@@ -349,6 +366,9 @@ void RunNsaCase(const NsaCase& c, bool decode, int split_chunks = kSingleKernel,
     } else {
       ASSERT_TRUE(NsaDecodeSplitKvSupported(dk, dv, G));
       p.chunks_per_split = split_chunks;
+      p.cp_async_copies = c.cp_async;
+      EXPECT_EQ(NsaDecodeSplitKvCopiesBoxes(p, /*compressed_branch=*/false), ExpectBoxes(c, false));
+      EXPECT_EQ(NsaDecodeSplitKvCopiesBoxes(p, /*compressed_branch=*/true), ExpectBoxes(c, true));
       const size_t wanted = NsaDecodeSplitKvWorkspaceBytes(p);
       ASSERT_GT(wanted, 0u);
       const size_t bytes = wanted / workspace_divisor;
@@ -615,9 +635,12 @@ TEST(NsaDecodeSplitKvGpuTest, AutomaticSplits) {
   NEEDLE_SKIP_WITHOUT_GPU();
   const std::vector<NsaCase> cases = SplitKvCases();
   for (size_t i = 0; i < cases.size(); ++i) {
-    NsaCase c = cases[i];
-    c.seed = 1100 + i;
-    ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+    for (bool cp_async : {false, true}) {  // tensor-map boxes where the chunks allow them, and cp.async
+      NsaCase c = cases[i];
+      c.cp_async = cp_async;
+      c.seed = 1100 + i + (cp_async ? 50 : 0);
+      ASSERT_NO_FATAL_FAILURE(RunNsaCase(c, /*decode=*/true, kAutoSplits));
+    }
   }
 }
 
