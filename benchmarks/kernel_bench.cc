@@ -251,31 +251,6 @@ Timing TimeCalls(const std::function<cudaError_t(int)>& launch, int copies, int 
   return timing;
 }
 
-// Device-to-device copy bandwidth, (bytes read + bytes written) / time, median of 10 copies of 1 GiB.
-double CopyBandwidthGBps(cudaStream_t stream) {
-  const size_t bytes = size_t{1} << 30;
-  DeviceBuffer a(bytes), b(bytes);
-  BENCH_CHECK(cudaMemsetAsync(a.get(), 1, bytes, stream));
-  cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 2; ++i) BENCH_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
-  std::vector<double> gbps;
-  for (int i = 0; i < 10; ++i) {
-    BENCH_CHECK(cudaEventRecord(start, stream));
-    BENCH_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
-    BENCH_CHECK(cudaEventRecord(stop, stream));
-    BENCH_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    gbps.push_back(2.0 * bytes / (ms * 1e-3) / 1e9);
-  }
-  BENCH_CHECK(cudaEventDestroy(start));
-  BENCH_CHECK(cudaEventDestroy(stop));
-  std::sort(gbps.begin(), gbps.end());
-  return gbps[gbps.size() / 2];
-}
-
 // The launch parameters of one configuration over its copies, and the workspaces.
 struct Config {
   Geometry g;
@@ -693,7 +668,7 @@ int Main() {
   BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   Options o;
   o.trials = absl::GetFlag(FLAGS_trials);
-  o.copy_gbps = CopyBandwidthGBps(stream);
+  BENCH_CHECK(CopyBandwidthGBps(stream, &o.copy_gbps));
   size_t free_bytes = 0, total_bytes = 0;
   BENCH_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   o.memory_bytes = absl::GetFlag(FLAGS_memory_gb) > 0 ? absl::GetFlag(FLAGS_memory_gb) * 1e9

@@ -27,6 +27,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "benchmarks/bench_fill.h"
 #include "kernels/split_kv_attention.cuh"
 #include "nlohmann/json.hpp"
 
@@ -226,31 +227,6 @@ struct Result {
   double median_us = 0, gbps = 0, pct_copy = 0;
 };
 
-double CopyBandwidthGBps() {
-  const size_t bytes = size_t{1} << 30;
-  void *a = nullptr, *b = nullptr;
-  CHECK_CUDA(cudaMalloc(&a, bytes));
-  CHECK_CUDA(cudaMalloc(&b, bytes));
-  CHECK_CUDA(cudaMemset(a, 1, bytes));
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  std::vector<double> g;
-  for (int i = 0; i < 12; ++i) {
-    CHECK_CUDA(cudaEventRecord(e0));
-    CHECK_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-    if (i >= 2) g.push_back(2.0 * bytes / (ms * 1e-3) / 1e9);
-  }
-  CHECK_CUDA(cudaFree(a));
-  CHECK_CUDA(cudaFree(b));
-  std::sort(g.begin(), g.end());
-  return g[g.size() / 2];
-}
-
 template <int D>
 void RunDim(int batch, int64_t context, int trials, double copy_gbps, std::vector<Result>* out) {
   const int pairs = batch * kKvHeads;
@@ -364,7 +340,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "needle-read-bench needs sm_90 (TMA); this device is sm_%d%d\n", prop.major, prop.minor);
     return 1;
   }
-  const double copy_gbps = CopyBandwidthGBps();
+  double copy_gbps = 0;
+  CHECK_CUDA(needle::bench::CopyBandwidthGBps(nullptr, &copy_gbps));
   std::printf("device: %s; device-to-device copy %.0f GB/s (read + write); context %lld rows, %d KV heads\n",
               prop.name, copy_gbps, static_cast<long long>(context), kKvHeads);
   std::printf("| mechanism | d | batch | stages | CTAs/SM | median us | GB/s | %% copy |\n");

@@ -548,6 +548,9 @@ __device__ void AttendChunks(const Query& query, int G, float scale_log2, const 
   static_assert(!kBoxes || Tile<DK, DV>::kBoxes, "tensor-map copies need head dims that are multiples of 64");
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   float* const score_tile = scores.tile;
+  // A previous call's merge wrote the pipeline buffers through the generic proxy; the boxes write
+  // them through the async proxy: every writer orders its writes before them.
+  if constexpr (kBoxes) FenceProxyAsyncShared();
   __syncthreads();  // a previous call's merge may still read the shared memory
   const int m_tiles = HeadTiles(G), groups = kWarps / m_tiles;
   const int mt = warp % m_tiles, group = warp / m_tiles;
