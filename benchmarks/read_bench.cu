@@ -8,7 +8,7 @@
 //   tma       one cp.async.bulk.tensor.2d box per 64-column slab of K and of V (128-byte swizzle),
 //             completion on an mbarrier per stage
 //   bulk      one cp.async.bulk of a whole K page and one of V (unswizzled), mbarrier per stage
-//   ld.v4     plain 16-byte loads into registers, 4 per thread in flight per stage (no shared memory)
+//   ld.v4     plain 16-byte loads into registers, a page's loads of a thread all in flight (no shared memory)
 // Prints a table (GB/s read, % of the device-to-device copy bandwidth) and writes JSON. A measuring
 // tool, never a test. sm_90 only (TMA, bulk copies).
 #include <cuda.h>
@@ -148,7 +148,8 @@ __global__ void __launch_bounds__(kThreads) AsyncRead(const __grid_constant__ CU
         }
       }
     } else {
-      const __nv_bfloat16* src[2] = {k + static_cast<int64_t>(page) * kRows * D, v + static_cast<int64_t>(page) * kRows * D};
+      const int64_t offset = static_cast<int64_t>(page) * kRows * D;
+      const __nv_bfloat16* src[2] = {k + offset, v + offset};
 #pragma unroll
       for (int kv = 0; kv < 2; ++kv) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -600,7 +600,8 @@ void ChooseBoxes(const NsaDecodeParams& p, NsaSplitArgs* a) {
   a->sel_boxes = a->cmp_boxes = false;
   if (p.cp_async_copies || !splitkv::Tile<DK, DV>::kBoxes) return;
   const NsaKernelGeometry& g = p.geometry;
-  a->sel_boxes = g.sel_block % kRows == 0 && splitkv::MakeCacheBoxMaps(p.selection, p.num_kv_heads, DK, DV, &a->sel_maps);
+  a->sel_boxes =
+      g.sel_block % kRows == 0 && splitkv::MakeCacheBoxMaps(p.selection, p.num_kv_heads, DK, DV, &a->sel_maps);
   // Chunk c starts at FirstOverlappingToken(c B), linear in c past c = 0: multiples of kRows when
   // chunks 1 and 2 start at kRows and 2 kRows.
   const int B = CmpBlocksPerChunk(g);

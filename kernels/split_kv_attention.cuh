@@ -8,8 +8,9 @@
 // Tiling: K and V rows of a chunk go global -> shared (two chunks in flight per CTA) either with
 // 16-byte cp.async, rows padded by 16 bytes so ldmatrix is conflict-free, or, when the caller passes
 // a TmaRows source (chunks that lie inside one page of a pool with a tensor map), as tensor-map boxes
-// of [64 rows][64 columns] issued by one thread, landing with the 128-byte swizzle (TileAt). The G heads are the rows of 16-row
-// MMA tiles (GQA packing: a KV row is read once for all G heads); 4 warps are spread over
+// of [64 rows][64 columns] issued by one thread, landing with the 128-byte swizzle (TileAt). The G
+// heads are the rows of 16-row MMA tiles (GQA packing: a KV row is read once for all G heads); 4
+// warps are spread over
 // (head tile, 16-token sub-tile); scores and P.V run on bf16 tensor cores (mma.m16n8k16, f32
 // accumulation). P enters the P.V product as two bf16 parts (hi + lo), so the result carries ~16
 // mantissa bits of each probability, not bf16's 8. Scores are kept in the log2 domain
@@ -246,10 +247,11 @@ __device__ void IssueChunk(char* smem, int stage, const RowSource& src, RowOf ro
 }
 
 // Chunks copied as tensor-map boxes: the rows of a chunk, row_of(score_begin) = b onwards, must be
-// consecutive and lie inside one page (b a multiple of kRows, page_rows a multiple of kRows). The maps view a pool as a [rows][d] bf16 matrix
-// from the layer's (page 0, KV head 0, row 0) on, boxes of [kRows][64] with the 128-byte swizzle
-// (MakeRowBoxMap); row i of this (sequence, KV head) is map row table[i / page_rows] *
-// rows_per_page + head_row + i % page_rows (int32: the host checks the map has < 2^31 rows).
+// consecutive and lie inside one page (b a multiple of kRows, page_rows a multiple of kRows). The
+// maps view a pool as a [rows][d] bf16 matrix from the layer's (page 0, KV head 0, row 0) on, boxes
+// of [kRows][64] with the 128-byte swizzle (MakeCacheBoxMaps); row i of this (sequence, KV head) is
+// map row table[i / page_rows] * rows_per_page + head_row + i % page_rows (int32: the host checks
+// that the map has fewer than 2^31 rows).
 struct TmaRows {
   const CUtensorMap* k_map = nullptr;
   const CUtensorMap* v_map = nullptr;
@@ -258,9 +260,12 @@ struct TmaRows {
   int rows_per_page = 0;  // map rows between consecutive physical pages (k_page_stride / d_k)
   int head_row = 0;       // KV head * page_rows
 
-  __device__ int32_t Page(int64_t i) const { return table[static_cast<uint32_t>(i) / static_cast<uint32_t>(page_rows)]; }
+  __device__ int32_t Page(int64_t i) const {
+    return table[static_cast<uint32_t>(i) / static_cast<uint32_t>(page_rows)];
+  }
   __device__ int MapRow(int64_t i, int32_t page) const {
-    return page * rows_per_page + head_row + static_cast<int>(static_cast<uint32_t>(i) % static_cast<uint32_t>(page_rows));
+    const uint32_t in_page = static_cast<uint32_t>(i) % static_cast<uint32_t>(page_rows);
+    return page * rows_per_page + head_row + static_cast<int>(in_page);
   }
 };
 
@@ -914,7 +919,8 @@ __host__ inline bool MakeCacheBoxMaps(const PagedKvCache& c, int num_kv_heads, i
     return false;
   }
   const int64_t rows_per_page = c.k_page_stride / dk;
-  const int64_t rows = (static_cast<int64_t>(c.num_pages) - 1) * rows_per_page + static_cast<int64_t>(num_kv_heads) * c.page_rows;
+  const int64_t rows =
+      (static_cast<int64_t>(c.num_pages) - 1) * rows_per_page + static_cast<int64_t>(num_kv_heads) * c.page_rows;
   if (rows > INT32_MAX) return false;
   out->rows_per_page = static_cast<int>(rows_per_page);
   return EncodeRowBoxMap(c.k, rows, dk, &out->k) && EncodeRowBoxMap(c.v, rows, dv, &out->v);
