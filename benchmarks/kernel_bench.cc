@@ -67,6 +67,8 @@ ABSL_FLAG(bool, nsa_prefill, false,
 ABSL_FLAG(bool, cp_async, false,
           "the split-KV decode kernels (NSA and dense) copy every chunk with 16-byte cp.async, no tensor-map boxes "
           "(A/B runs)");
+ABSL_FLAG(int, chunks_per_split, 0,
+          "split-KV decode: 64-row chunks per thread block, NSA and dense (0: the launchers' own choice; tuning)");
 ABSL_FLAG(bool, profile, false, "launch each configuration's kernels once, untimed (for ncu), and exit");
 
 namespace needle::bench {
@@ -291,6 +293,7 @@ void Build(Config* c, int num_copies, cudaStream_t stream) {
     p.window = g.shared_kv ? copy.selection.view : copy.window.view;
     p.shared_kv = g.shared_kv;
     p.cp_async_copies = absl::GetFlag(FLAGS_cp_async);
+    p.chunks_per_split = absl::GetFlag(FLAGS_chunks_per_split);
     c->nsa.push_back(p);
     kernels::DenseAttentionParams d;
     d.q = p.q;
@@ -306,6 +309,7 @@ void Build(Config* c, int num_copies, cudaStream_t stream) {
     d.kv = copy.selection.view;
     d.max_context = static_cast<int>(c->ctx);
     d.cp_async_copies = absl::GetFlag(FLAGS_cp_async);
+    d.chunks_per_split = absl::GetFlag(FLAGS_chunks_per_split);
     c->dense.push_back(d);
   }
   c->nsa_workspace = DeviceBuffer(kernels::NsaDecodeSplitKvWorkspaceBytes(c->nsa[0]));
