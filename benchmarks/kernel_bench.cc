@@ -77,15 +77,6 @@ namespace {
 using kernels::NsaKernelGeometry;
 using kernels::PagedKvCache;
 
-#define BENCH_CHECK(expr)                                                                          \
-  do {                                                                                             \
-    const cudaError_t bench_err_ = (expr);                                                         \
-    if (bench_err_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(bench_err_)); \
-      std::exit(1);                                                                                \
-    }                                                                                              \
-  } while (0)
-
 int PageRows() { return absl::GetFlag(FLAGS_page_rows); }
 
 struct Geometry {

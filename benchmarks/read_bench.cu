@@ -37,15 +37,6 @@ ABSL_FLAG(int64_t, context, 65536, "rows per (sequence, KV head)");
 ABSL_FLAG(int, trials, 15, "timed launches per configuration (the median is reported)");
 ABSL_FLAG(std::string, json, "", "write the results as JSON to this file");
 
-#define CHECK_CUDA(expr)                                                                          \
-  do {                                                                                            \
-    const cudaError_t err_ = (expr);                                                              \
-    if (err_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
-
 namespace {
 
 namespace dt = needle::kernels::detail;
@@ -216,9 +207,9 @@ CUtensorMap PoolMap(const void* base, int64_t rows, int d) {
 
 template <class Kernel>
 int CtasPerSm(Kernel kernel, size_t smem) {
-  CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  BENCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
-  CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  BENCH_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   return per_sm;
 }
 
@@ -235,23 +226,23 @@ void RunDim(int batch, int64_t context, int trials, double copy_gbps, std::vecto
   const int64_t total_pages = static_cast<int64_t>(pairs) * pages;
   const size_t pool_bytes = static_cast<size_t>(total_pages) * kRows * D * 2;
   __nv_bfloat16 *k = nullptr, *v = nullptr;
-  CHECK_CUDA(cudaMalloc(&k, pool_bytes));
-  CHECK_CUDA(cudaMalloc(&v, pool_bytes));
-  CHECK_CUDA(cudaMemset(k, 0x3c, pool_bytes));
-  CHECK_CUDA(cudaMemset(v, 0x3d, pool_bytes));
+  BENCH_CHECK(cudaMalloc(&k, pool_bytes));
+  BENCH_CHECK(cudaMalloc(&v, pool_bytes));
+  BENCH_CHECK(cudaMemset(k, 0x3c, pool_bytes));
+  BENCH_CHECK(cudaMemset(v, 0x3d, pool_bytes));
   std::vector<int32_t> table(total_pages);
   std::iota(table.begin(), table.end(), 0);
   std::mt19937 rng(1234 + D + batch);
   std::shuffle(table.begin(), table.end(), rng);
   int32_t* dtable = nullptr;
   unsigned long long* sink = nullptr;
-  CHECK_CUDA(cudaMalloc(&dtable, table.size() * 4));
-  CHECK_CUDA(cudaMalloc(&sink, 8));
-  CHECK_CUDA(cudaMemcpy(dtable, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  BENCH_CHECK(cudaMalloc(&dtable, table.size() * 4));
+  BENCH_CHECK(cudaMalloc(&sink, 8));
+  BENCH_CHECK(cudaMemcpy(dtable, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
   const CUtensorMap kmap = PoolMap(k, total_pages * kRows, D);
   const CUtensorMap vmap = PoolMap(v, total_pages * kRows, D);
   int sms = 0;
-  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   const double bytes = 2.0 * pool_bytes;
 
   auto time = [&](const std::string& name, int stages, int per_sm, auto launch) {
@@ -264,23 +255,23 @@ void RunDim(int batch, int64_t context, int trials, double copy_gbps, std::vecto
     w.runs = std::min(w.runs, pages);
     const int grid = pairs * w.runs;
     cudaEvent_t e0, e1;
-    CHECK_CUDA(cudaEventCreate(&e0));
-    CHECK_CUDA(cudaEventCreate(&e1));
+    BENCH_CHECK(cudaEventCreate(&e0));
+    BENCH_CHECK(cudaEventCreate(&e1));
     launch(grid, w);
-    CHECK_CUDA(cudaGetLastError());
-    CHECK_CUDA(cudaDeviceSynchronize());
+    BENCH_CHECK(cudaGetLastError());
+    BENCH_CHECK(cudaDeviceSynchronize());
     std::vector<double> us;
     for (int t = 0; t < trials; ++t) {
-      CHECK_CUDA(cudaEventRecord(e0));
+      BENCH_CHECK(cudaEventRecord(e0));
       launch(grid, w);
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
+      BENCH_CHECK(cudaEventRecord(e1));
+      BENCH_CHECK(cudaEventSynchronize(e1));
       float ms = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      BENCH_CHECK(cudaEventElapsedTime(&ms, e0, e1));
       us.push_back(ms * 1e3);
     }
-    CHECK_CUDA(cudaEventDestroy(e0));
-    CHECK_CUDA(cudaEventDestroy(e1));
+    BENCH_CHECK(cudaEventDestroy(e0));
+    BENCH_CHECK(cudaEventDestroy(e1));
     std::sort(us.begin(), us.end());
     Result r;
     r.mechanism = name;
@@ -323,10 +314,10 @@ void RunDim(int batch, int64_t context, int trials, double copy_gbps, std::vecto
     auto kernel = LoadRead<D>;
     time("ld.v4", 1, CtasPerSm(kernel, 0), [&](int grid, const Work& w) { kernel<<<grid, kThreads>>>(k, v, w); });
   }
-  CHECK_CUDA(cudaFree(k));
-  CHECK_CUDA(cudaFree(v));
-  CHECK_CUDA(cudaFree(dtable));
-  CHECK_CUDA(cudaFree(sink));
+  BENCH_CHECK(cudaFree(k));
+  BENCH_CHECK(cudaFree(v));
+  BENCH_CHECK(cudaFree(dtable));
+  BENCH_CHECK(cudaFree(sink));
 }
 
 }  // namespace
@@ -336,13 +327,13 @@ int main(int argc, char** argv) {
   const int64_t context = absl::GetFlag(FLAGS_context);
   const int trials = absl::GetFlag(FLAGS_trials);
   cudaDeviceProp prop;
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
   if (prop.major < 9) {
     std::fprintf(stderr, "needle-read-bench needs sm_90 (TMA); this device is sm_%d%d\n", prop.major, prop.minor);
     return 1;
   }
   double copy_gbps = 0;
-  CHECK_CUDA(needle::bench::CopyBandwidthGBps(nullptr, &copy_gbps));
+  BENCH_CHECK(needle::bench::CopyBandwidthGBps(nullptr, &copy_gbps));
   std::printf("device: %s; device-to-device copy %.0f GB/s (read + write); context %lld rows, %d KV heads\n",
               prop.name, copy_gbps, static_cast<long long>(context), kKvHeads);
   std::printf("| mechanism | d | batch | stages | CTAs/SM | median us | GB/s | %% copy |\n");
