@@ -66,14 +66,7 @@ __global__ void __launch_bounds__(sk::kThreads, 2) DensePartialKernel(const __gr
                              ps.ml + ps.Index(pair, split), ps.acc + ps.Index(pair, split) * DV, tma);
   };
   if constexpr (kBoxes) {
-    sk::TmaRows tma;
-    tma.k_map = &a.maps.k;
-    tma.v_map = &a.maps.v;
-    tma.table = p.kv.page_table + static_cast<int64_t>(seq) * p.kv.table_stride;
-    tma.page_rows = p.kv.page_rows;
-    tma.rows_per_page = a.maps.rows_per_page;
-    tma.head_row = kv_head * p.kv.page_rows;
-    attend(tma);
+    attend(sk::PagedBoxRows(p.kv, a.maps, seq, kv_head));
   } else {
     attend(sk::NoTma{});
   }

@@ -84,19 +84,6 @@ struct NsaSplitArgs {
   splitkv::CacheBoxMaps sel_maps, cmp_maps;
 };
 
-// TmaRows of one (sequence, KV head) over a pool with maps `m`.
-__device__ __forceinline__ splitkv::TmaRows BoxRows(const PagedKvCache& c, const splitkv::CacheBoxMaps& m, int seq,
-                                                   int kv_head) {
-  splitkv::TmaRows r;
-  r.k_map = &m.k;
-  r.v_map = &m.v;
-  r.table = c.page_table + static_cast<int64_t>(seq) * c.table_stride;
-  r.page_rows = c.page_rows;
-  r.rows_per_page = m.rows_per_page;
-  r.head_row = kv_head * c.page_rows;
-  return r;
-}
-
 // ---- Kernels 1 and 3 ------------------------------------------------------------------------------
 
 template <int DK, int DV, bool kBoxes>
@@ -178,7 +165,7 @@ __global__ void __launch_bounds__(splitkv::kThreads, 2) NsaPartialKernel(const _
                                     ps.acc + ps.Index(pair, slot) * DV, tma);
     };
     if constexpr (kBoxes) {
-      attend(BoxRows(p.selection, a.sel_maps, seq, kv_head));
+      attend(splitkv::PagedBoxRows(p.selection, a.sel_maps, seq, kv_head));
     } else {
       attend(splitkv::NoTma{});
     }
@@ -242,7 +229,7 @@ __device__ __forceinline__ void CompressedPhase(const NsaSplitArgs& a, char* sme
                                   ps.acc + ps.Index(pair, slot) * DV, tma);
   };
   if constexpr (kBoxes) {
-    attend(BoxRows(p.compressed, a.cmp_maps, seq, kv_head));
+    attend(splitkv::PagedBoxRows(p.compressed, a.cmp_maps, seq, kv_head));
   } else {
     attend(splitkv::NoTma{});
   }

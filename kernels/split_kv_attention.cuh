@@ -885,6 +885,19 @@ struct CacheBoxMaps {
   int rows_per_page = 0;
 };
 
+// TmaRows of one (sequence, KV head) of pool `c` with maps `m` (which must live in a kernel argument).
+__device__ __forceinline__ TmaRows PagedBoxRows(const PagedKvCache& c, const CacheBoxMaps& m, int seq,
+                                                int kv_head) {
+  TmaRows r;
+  r.k_map = &m.k;
+  r.v_map = &m.v;
+  r.table = c.page_table + static_cast<int64_t>(seq) * c.table_stride;
+  r.page_rows = c.page_rows;
+  r.rows_per_page = m.rows_per_page;
+  r.head_row = kv_head * c.page_rows;
+  return r;
+}
+
 __host__ inline bool EncodeRowBoxMap(const void* base, int64_t rows, int d, CUtensorMap* map) {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
