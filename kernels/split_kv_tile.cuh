@@ -22,14 +22,27 @@ __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Copies 16 bytes global -> shared without going through registers (L2 only: the rows are read once).
-// valid == false writes 16 zero bytes and reads nothing. The L2::256B hint has DRAM fetch the aligned
-// 256 bytes around the address at once (the rows of a page are contiguous: the neighbouring line is
-// the next row's); paged dense decode went from 97.2% to 98.9% of copy bandwidth with it.
+// An L2 cache policy for bytes a step reads once (K/V rows): evict them before anything else. Decode
+// streams far more K/V than L2 holds, and at normal priority the stream evicts what a step writes for
+// its own later kernels (NSA's block scores and partial states, read back by the select and merge
+// kernels a few microseconds later). With the K/V copies evict-first those stay in L2: NSA paper
+// geometry at 64k batch 8 80.5 -> 73.1 us, FLA batch 64 100.3 -> 90.6 us (docs/perf-notes.md, v8).
+__device__ __forceinline__ uint64_t L2EvictFirstPolicy() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// Copies 16 bytes global -> shared without going through registers (L2 only: the rows are read once,
+// evict-first, see above). valid == false writes 16 zero bytes and reads nothing. The L2::256B hint
+// has DRAM fetch the aligned 256 bytes around the address at once (the rows of a page are contiguous:
+// the neighbouring line is the next row's); paged dense decode went from 97.2% to 98.9% of copy
+// bandwidth with it.
 __device__ __forceinline__ void CpAsync16(void* smem_dst, const void* gmem_src, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(SharedAddress(smem_dst)),
-               "l"(gmem_src), "r"(src_bytes)
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(
+                   SharedAddress(smem_dst)),
+               "l"(gmem_src), "r"(src_bytes), "l"(L2EvictFirstPolicy())
                : "memory");
 }
 
@@ -90,14 +103,15 @@ __device__ __forceinline__ void FenceProxyAsyncShared() {
 #endif
 }
 
-// One box of a 2-D tensor map (coordinates: column, row) to shared memory, completing on `bar`.
+// One box of a 2-D tensor map (coordinates: column, row) to shared memory, completing on `bar`;
+// evict-first in L2 like CpAsync16.
 // `map` must live in param (a __grid_constant__ kernel argument), constant or global memory.
 __device__ __forceinline__ void TmaLoad2d(void* smem_dst, const CUtensorMap* map, int col, int row, uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-          SharedAddress(smem_dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(SharedAddress(bar))
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(SharedAddress(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(SharedAddress(bar)), "l"(L2EvictFirstPolicy())
       : "memory");
 #endif
 }
