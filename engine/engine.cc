@@ -49,7 +49,7 @@ struct Engine::Live {
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<Detokenizer> detok;
   std::unique_ptr<StopMatcher> stop;
-  absl::Time arrival, admitted_at, prefill_done, first_token;
+  absl::Time arrival, admitted_at, prefill_done, first_token, last_token;
   FinishReason cancel = FinishReason::kUnspecified;  // set by Cancel(), applied at the boundary
 
   int64_t generated() const { return static_cast<int64_t>(tokens.size()) - prompt_len; }
@@ -240,6 +240,9 @@ void Engine::Finish(Live& live, FinishReason reason, absl::Status status, std::s
   const absl::Time now = absl::Now();
   const absl::Time admitted = live.admitted ? live.admitted_at : now;
   ev.timings.queue_s = Seconds(admitted - live.arrival);
+  if (reason == FinishReason::kStop || reason == FinishReason::kLength || reason == FinishReason::kEos) {
+    metrics_.request_latency.Observe(Seconds(now - live.arrival));
+  }
   if (live.prefill_done != absl::Time()) ev.timings.prefill_s = Seconds(live.prefill_done - admitted);
   if (live.first_token != absl::Time()) {
     ev.timings.first_token_s = Seconds(live.first_token - live.arrival);
@@ -275,7 +278,14 @@ void Engine::SampleAndEmit(Live& live, const float* logits) {
   live.sampler->Accept(tok);
   live.tokens.push_back(tok);
   const absl::Time now = absl::Now();
-  if (live.first_token == absl::Time()) live.first_token = now;
+  if (live.first_token == absl::Time()) {
+    live.first_token = now;
+    metrics_.time_to_first_token.Observe(Seconds(now - live.arrival));
+  } else {
+    metrics_.inter_token_latency.Observe(Seconds(now - live.last_token));
+  }
+  live.last_token = now;
+  ++metrics_.generation_tokens;
   ev.token_ids.push_back(tok);
   ev.token_times_s.push_back(Seconds(now - live.arrival));
   if (live.req.return_logprobs) ev.logprobs.push_back(std::move(lp));
@@ -388,6 +398,7 @@ bool Engine::RunStep() {
     kv_.Commit(*r);
     l->admitted = true;
     l->admitted_at = absl::Now();
+    metrics_.queue_time.Observe(Seconds(l->admitted_at - l->arrival));
     waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), l), waiting_.end());
     running_.push_back(l);
   }
@@ -436,7 +447,10 @@ bool Engine::RunStep() {
       l->sink(std::move(ev));
       continue;
     }
-    if (l->prefill_done == absl::Time()) l->prefill_done = absl::Now();
+    if (l->prefill_done == absl::Time()) {
+      l->prefill_done = absl::Now();
+      metrics_.prompt_tokens += l->prompt_len;
+    }
     SampleAndEmit(*l, out.LastRow(i, plan));
   }
   return true;
@@ -447,6 +461,7 @@ void Engine::PublishStats() {
   stats_.running = static_cast<int64_t>(running_.size());
   stats_.waiting = static_cast<int64_t>(waiting_.size());
   stats_.pools = kv_.Stats();
+  stats_.metrics = metrics_;
 }
 
 }  // namespace needle::engine

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "engine/executor.h"
 #include "engine/kv_cache.h"
+#include "engine/metrics.h"
 #include "engine/request.h"
 #include "engine/scheduler.h"
 #include "engine/tokenizer.h"
@@ -48,6 +49,7 @@ struct EngineStats {
   int64_t steps = 0;
   bool healthy = true;    // false after an executor failure
   bool draining = false;
+  EngineMetrics metrics;  // token totals and latency histograms (published at step boundaries)
 };
 
 class Engine {
@@ -113,6 +115,7 @@ class Engine {
   std::vector<std::pair<std::string, FinishReason>> cancels_;
   std::unordered_set<std::string> live_ids_;  // ids accepted and not yet finished
   EngineStats stats_;                          // published after every step
+  EngineMetrics metrics_;                      // engine thread; copied into stats_ by PublishStats
   bool draining_ = false;
   bool stopping_ = false;
   uint64_t id_counter_ = 0;

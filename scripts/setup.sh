@@ -6,6 +6,7 @@ pkgs=(
   libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev googletest
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  libcpp-httplib-dev  # the server's Prometheus metrics endpoint (--metrics_listen)
   python3 python3-grpcio python3-protobuf python3-grpc-tools
   # scripts/test.sh's reliability stages: clang with libFuzzer and its sanitizer runtimes, and
   # llvm-symbolizer for readable fuzzer reports (gcc's ASan/UBSan come with build-essential).

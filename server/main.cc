@@ -1,7 +1,8 @@
 // needle-server: parses flags, configures logging sinks, starts the gRPC server, loads the engine
 // and waits for SIGINT/SIGTERM, then drains and exits 0. Prints "needle-server listening on
-// HOST:PORT" on stdout once the port is bound (tests start it on port 0 and read the line). The
-// lifecycle itself lives in server/server.cc.
+// HOST:PORT" on stdout once the port is bound (tests start it on port 0 and read the line), after
+// "needle-server metrics on http://HOST:PORT/metrics" when --metrics_listen is set. The lifecycle
+// itself lives in server/server.cc.
 #include <pthread.h>
 #include <signal.h>
 
@@ -22,6 +23,9 @@
 
 ABSL_FLAG(std::string, model, "demo", "preset name (demo, tiny-nsa-paper, ...) or checkpoint directory");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "host:port to serve on; port 0 picks a free port");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port of an HTTP endpoint serving Prometheus metrics on GET /metrics (e.g. 0.0.0.0:9400; port 0 "
+          "picks a free port); empty: no metrics endpoint");
 ABSL_FLAG(std::string, backend, "cpu", "executor: cpu, cuda or auto");
 ABSL_FLAG(int, max_batch, 32, "running sequences at most");
 ABSL_FLAG(int, prefill_chunk, 512, "prompt tokens per sequence per engine step at most");
@@ -92,6 +96,7 @@ int main(int argc, char** argv) {
 
   needle::server::ServerOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.grace_period_s = absl::GetFlag(FLAGS_grace_period_s);
   options.max_buffered_tokens = absl::GetFlag(FLAGS_max_buffered_tokens);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
@@ -116,6 +121,9 @@ int main(int argc, char** argv) {
   if (!server.ok()) {
     log->error("{}", server.status().ToString());
     return 1;
+  }
+  if (!(*server)->metrics_address().empty()) {
+    std::printf("needle-server metrics on http://%s/metrics\n", (*server)->metrics_address().c_str());
   }
   std::printf("needle-server listening on %s\n", (*server)->address().c_str());
   std::fflush(stdout);

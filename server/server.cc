@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "server/metrics.h"
 #include "spdlog/spdlog.h"
 
 namespace needle::server {
@@ -74,16 +75,20 @@ absl::Status ServerOptions::Validate() const {
   if (!(grace_period_s >= 0)) return absl::InvalidArgumentError("--grace_period_s must be >= 0");
   if (max_buffered_tokens < 1) return absl::InvalidArgumentError("--max_buffered_tokens must be >= 1");
   if (max_message_bytes < 1024) return absl::InvalidArgumentError("max_message_bytes must be >= 1024");
+  if (!metrics_listen.empty() && metrics_listen.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("--metrics_listen must be host:port, got \"", metrics_listen, "\""));
+  }
   return engine.Validate();
 }
 
 std::string ServerOptions::ToString() const {
   const engine::EngineConfig& e = engine.engine;
   return absl::StrFormat(
-      "listen=%s grace_period_s=%g max_buffered_tokens=%d max_message_bytes=%d model=%s model_seed=%d backend=%s "
-      "kv_cache_bytes=%d page_tokens=%d max_seq_tokens=%d max_batch=%d prefill_chunk=%d "
+      "listen=%s metrics_listen=%s grace_period_s=%g max_buffered_tokens=%d max_message_bytes=%d model=%s "
+      "model_seed=%d backend=%s kv_cache_bytes=%d page_tokens=%d max_seq_tokens=%d max_batch=%d prefill_chunk=%d "
       "step_token_budget=%d max_queue=%d seed=%d",
-      listen, grace_period_s, max_buffered_tokens, max_message_bytes, engine.model, engine.model_seed, engine.backend,
+      listen, metrics_listen.empty() ? "(none)" : metrics_listen, grace_period_s, max_buffered_tokens,
+      max_message_bytes, engine.model, engine.model_seed, engine.backend,
       engine.kv_cache_bytes, engine.page_tokens, engine.max_seq_tokens, e.max_batch, e.prefill_chunk,
       e.step_token_budget, e.max_queue, e.seed);
 }
@@ -113,6 +118,24 @@ absl::StatusOr<std::unique_ptr<NeedleServer>> NeedleServer::Start(const ServerOp
   }
   s->address_ = absl::StrCat(HostOf(options.listen), ":", s->port_);
   Log()->info("listening on {} (health NOT_SERVING until the engine is warm)", s->address_);
+  if (!options.metrics_listen.empty()) {
+    const MetricsInfo info{options.engine.model, options.engine.backend};
+    NeedleServer* self = s.get();
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics =
+        MetricsHttpServer::Start(options.metrics_listen, [info, self] {
+          engine::Engine* e = self->metrics_engine_.load(std::memory_order_acquire);
+          if (e == nullptr) return RenderMetrics(info, nullptr);
+          const engine::EngineStats stats = e->Stats();
+          return RenderMetrics(info, &stats);
+        });
+    if (!metrics.ok()) {
+      s->server_->Shutdown();
+      s->server_->Wait();
+      return metrics.status();
+    }
+    s->metrics_ = *std::move(metrics);
+    Log()->info("metrics on http://{}/metrics", s->metrics_->address());
+  }
   return s;
 }
 
@@ -159,6 +182,7 @@ absl::Status NeedleServer::LoadEngine() {
                 kv.cmp_page_tokens);
   }
   generation_->SetEngine(engine_.get());
+  metrics_engine_.store(engine_.get(), std::memory_order_release);
   health_->SetServing(true);
   monitor_ = std::thread([this] { MonitorEngine(); });
   return absl::OkStatus();
@@ -208,6 +232,8 @@ void NeedleServer::Shutdown() {
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   Log()->debug("gRPC shut down");
   server_->Wait();
+  // Last, so that a scrape during the drain still answers (the engine object lives on).
+  if (metrics_) metrics_->Stop();
   Log()->info("stopped");
 }
 

@@ -1,8 +1,8 @@
 // End-to-end tests of needle-server: a real server process on 127.0.0.1:0 (demo model, CPU), real
 // gRPC clients (the generated C++ stub, the needle-client binary, the Python example). Streaming
 // order, batch invariance, reproducible seeded sampling, cancellation (mid-prefill, mid-decode,
-// client killed), deadlines, bad input, health, reflection and SIGTERM draining; after every
-// request that ends early the KV pools must return to their baseline.
+// client killed), deadlines, bad input, health, reflection, the Prometheus metrics endpoint and
+// SIGTERM draining; after every request that ends early the KV pools must return to their baseline.
 #include <signal.h>
 #include <unistd.h>
 
@@ -10,8 +10,10 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -203,6 +205,71 @@ TEST_F(ServerE2eTest, StreamsTokensInOrderAndMatchesUsage) {
   ASSERT_TRUE(again.status.ok()) << Describe(again.status);
   EXPECT_EQ(again.ids, r.ids);
   EXPECT_FALSE(again.request_id.empty());
+}
+
+// Sample name{labels} -> value of a Prometheus exposition text (comment lines skipped).
+std::map<std::string, double> ParseMetrics(const std::string& text) {
+  std::map<std::string, double> v;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    const size_t space = line.rfind(' ');
+    if (space == std::string::npos) {
+      ADD_FAILURE() << "not a sample: " << line;
+      continue;
+    }
+    v[line.substr(0, space)] = std::stod(line.substr(space + 1));
+  }
+  return v;
+}
+
+// --metrics_listen: GET /metrics answers in the exposition format while serving, agrees with
+// GetStats, and one request moves the counters and histograms by what its stream reported.
+TEST_F(ServerE2eTest, MetricsEndpointCountsARequest) {
+  StartServer({"--prefill_chunk=64", "--metrics_listen=127.0.0.1:0"});
+  ASSERT_FALSE(server_->metrics_address().empty());
+  auto scrape = [&] {
+    int status = 0;
+    const std::string body = HttpGet(server_->metrics_address(), "/metrics", &status);
+    EXPECT_EQ(status, 200) << body;
+    return ParseMetrics(body);
+  };
+  const std::map<std::string, double> before = scrape();
+  EXPECT_EQ(before.at("needle_engine_loaded"), 1);
+  EXPECT_EQ(before.at("needle_healthy"), 1);
+  EXPECT_EQ(before.at(R"(needle_requests_total{outcome="finished"})"), static_cast<double>(baseline_.finished()));
+
+  StreamResult r = Generate(*stub_, TokenRequest(SyntheticPrompt(300), 24));
+  ASSERT_TRUE(r.status.ok()) << Describe(r.status);
+  ASSERT_TRUE(r.finished.has_value());
+  ExpectPagesReturn();
+  const std::map<std::string, double> after = scrape();
+  auto delta = [&](const std::string& name) { return after.at(name) - before.at(name); };
+  EXPECT_EQ(delta(R"(needle_requests_total{outcome="finished"})"), 1);
+  EXPECT_EQ(delta(R"(needle_requests_total{outcome="cancelled"})"), 0);
+  EXPECT_EQ(delta("needle_prompt_tokens_total"), 300);
+  EXPECT_EQ(delta("needle_generation_tokens_total"), 24);
+  EXPECT_EQ(delta("needle_queue_time_seconds_count"), 1);
+  EXPECT_EQ(delta("needle_time_to_first_token_seconds_count"), 1);
+  EXPECT_NEAR(delta("needle_time_to_first_token_seconds_sum"), r.finished->timings().first_token_s(), 1e-5);
+  EXPECT_EQ(delta("needle_inter_token_latency_seconds_count"), 23);
+  EXPECT_NEAR(delta("needle_inter_token_latency_seconds_sum"), r.token_times.back() - r.token_times.front(), 1e-5);
+  EXPECT_EQ(delta("needle_request_latency_seconds_count"), 1);
+  EXPECT_EQ(delta(R"(needle_request_latency_seconds_bucket{le="+Inf"})"), 1);
+  EXPECT_EQ(after.at("needle_requests_running"), 0);
+  // Every page back, pool by pool, as GetStats says.
+  const v1::ServerStats stats = Stats();
+  for (const v1::CachePool& p : stats.pools()) {
+    EXPECT_EQ(after.at("needle_kv_cache_pages{pool=\"" + p.name() + "\",state=\"used\"}"), 0) << p.name();
+    EXPECT_EQ(after.at("needle_kv_cache_pages{pool=\"" + p.name() + "\",state=\"free\"}"), p.total_pages());
+  }
+  EXPECT_EQ(after.at(R"(needle_requests_total{outcome="finished"})"), static_cast<double>(stats.finished()));
+  EXPECT_EQ(after.at("needle_engine_steps_total"), static_cast<double>(stats.steps()));
+
+  int status = 0;
+  HttpGet(server_->metrics_address(), "/other", &status);
+  EXPECT_EQ(status, 404);
 }
 
 TEST_F(ServerE2eTest, StreamedTokensMatchNeedleGenerate) {

@@ -1,10 +1,13 @@
 // Child processes for the e2e tests. See subprocess.h.
 #include "tests/e2e/subprocess.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -119,6 +122,7 @@ std::unique_ptr<ServerProcess> ServerProcess::Start(const std::vector<std::strin
   s->process_ = Subprocess::Spawn(argv, error);
   if (!s->process_) return nullptr;
   const std::string prefix = "needle-server listening on ";
+  const std::string metrics_prefix = "needle-server metrics on http://";
   for (;;) {
     std::optional<std::string> line = s->process_->ReadLine(std::chrono::seconds(30));
     if (!line) {
@@ -129,6 +133,10 @@ std::unique_ptr<ServerProcess> ServerProcess::Start(const std::vector<std::strin
     if (line->rfind(prefix, 0) == 0) {
       s->address_ = line->substr(prefix.size());
       break;
+    }
+    if (line->rfind(metrics_prefix, 0) == 0) {
+      const std::string rest = line->substr(metrics_prefix.size());
+      s->metrics_address_ = rest.substr(0, rest.find('/'));
     }
   }
   s->channel_ = s->NewChannel();
@@ -149,6 +157,44 @@ std::shared_ptr<grpc::Channel> ServerProcess::NewChannel() const {
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a connection of its own
   args.SetMaxReceiveMessageSize(64 << 20);
   return grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args);
+}
+
+std::string HttpGet(const std::string& host_port, const std::string& path, int* status) {
+  *status = 0;
+  const size_t colon = host_port.rfind(':');
+  if (colon == std::string::npos) return "no port in " + host_port;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(std::stoi(host_port.substr(colon + 1))));
+  if (inet_pton(AF_INET, host_port.substr(0, colon).c_str(), &addr.sin_addr) != 1) return "bad host " + host_port;
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return std::string("socket: ") + std::strerror(errno);
+  timeval timeout{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    const std::string e = std::string("connect: ") + std::strerror(errno);
+    close(fd);
+    return e;
+  }
+  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: " + host_port + "\r\nConnection: close\r\n\r\n";
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return "short write";
+  }
+  std::string response;
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = read(fd, buf, sizeof(buf));
+    if (n <= 0) break;
+    response.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  const size_t head_end = response.find("\r\n\r\n");
+  if (response.rfind("HTTP/1.", 0) != 0 || head_end == std::string::npos || response.size() < 12) {
+    return "not an HTTP response: " + response.substr(0, 200);
+  }
+  *status = std::atoi(response.c_str() + 9);
+  return response.substr(head_end + 4);
 }
 
 std::string HealthStatus(const std::shared_ptr<grpc::Channel>& channel) {

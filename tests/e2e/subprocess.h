@@ -1,7 +1,9 @@
 // Test support: child processes for the e2e tests. Subprocess spawns a program (posix_spawn, safe in
 // a multi-threaded gtest process) with its stdout on a pipe; ServerProcess starts `needle-server`
-// on 127.0.0.1:0, reads the bound port from its "needle-server listening on HOST:PORT" line and
-// waits for grpc.health.v1 to report SERVING. Destructors kill what is still running.
+// on 127.0.0.1:0, reads the bound port from its "needle-server listening on HOST:PORT" line (and the
+// metrics endpoint's from the line before it, with --metrics_listen) and waits for grpc.health.v1 to
+// report SERVING. HttpGet fetches a page over plain HTTP (the metrics endpoint). Destructors kill
+// what is still running.
 #pragma once
 
 #include <sys/types.h>
@@ -53,6 +55,8 @@ class ServerProcess {
   static std::unique_ptr<ServerProcess> Start(const std::vector<std::string>& args, std::string* error);
 
   const std::string& address() const { return address_; }
+  // "host:port" of GET /metrics; empty unless started with --metrics_listen.
+  const std::string& metrics_address() const { return metrics_address_; }
   std::shared_ptr<grpc::Channel> NewChannel() const;  // a fresh connection
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   Subprocess& process() { return *process_; }
@@ -60,8 +64,14 @@ class ServerProcess {
  private:
   std::unique_ptr<Subprocess> process_;
   std::string address_;
+  std::string metrics_address_;
   std::shared_ptr<grpc::Channel> channel_;
 };
+
+// GET `path` from an HTTP server at "host:port" (IPv4) with HTTP/1.0: *status gets the response's
+// status code and the body is returned; on a connection or protocol error *status is 0 and the body
+// says what failed.
+std::string HttpGet(const std::string& host_port, const std::string& path, int* status);
 
 // The health status ("SERVING", "NOT_SERVING", ...) of the server as a whole, or the RPC error.
 std::string HealthStatus(const std::shared_ptr<grpc::Channel>& channel);

@@ -259,6 +259,65 @@ TEST(Engine, CancelMidPrefillAndMidDecodeAndDeadlinesFreeEveryPage) {
   EXPECT_EQ(s.cancelled, 3);
 }
 
+// The monitoring metrics (EngineStats::metrics) against what the requests' own events say: token
+// totals, one queue-time, time-to-first-token and request-latency observation per finished request,
+// one inter-token gap per token after the first (their sum telescopes to last - first token time of
+// each request), and for a request cancelled mid-decode its tokens and gaps but no request latency.
+TEST(Engine, MetricsCountTokensAndLatencies) {
+  auto e = Build("tiny-nsa", 8, 16);
+  Collected a, b;
+  ASSERT_TRUE(e->Submit(Greedy(Prompt(40, 1), 5), a.Sink()).ok());
+  ASSERT_TRUE(e->Submit(Greedy(Prompt(70, 2), 9), b.Sink()).ok());
+  const double first_a = a.Wait().timings.first_token_s, first_b = b.Wait().timings.first_token_s;
+  ExpectPoolsAtBaseline(*e);
+  auto token_times = [](Collected& c) {
+    std::lock_guard<std::mutex> lock(c.mu);
+    std::vector<double> t;
+    for (const auto& ev : c.events) t.insert(t.end(), ev.token_times_s.begin(), ev.token_times_s.end());
+    return t;
+  };
+  const std::vector<double> ta = token_times(a), tb = token_times(b);
+  ASSERT_EQ(ta.size(), 5u);
+  ASSERT_EQ(tb.size(), 9u);
+  EngineMetrics m = e->Stats().metrics;
+  EXPECT_EQ(m.prompt_tokens, 40 + 70);
+  EXPECT_EQ(m.generation_tokens, 5 + 9);
+  EXPECT_EQ(m.queue_time.count, 2);
+  EXPECT_EQ(m.time_to_first_token.count, 2);
+  EXPECT_NEAR(m.time_to_first_token.sum, first_a + first_b, 1e-6);
+  EXPECT_EQ(m.inter_token_latency.count, 4 + 8);
+  EXPECT_NEAR(m.inter_token_latency.sum, (ta.back() - ta.front()) + (tb.back() - tb.front()), 1e-6);
+  EXPECT_EQ(m.request_latency.count, 2);
+  EXPECT_GE(m.request_latency.sum, ta.back() + tb.back() - 1e-6);
+  for (const LatencyHistogram* h : {&m.queue_time, &m.time_to_first_token, &m.inter_token_latency, &m.request_latency}) {
+    int64_t n = 0;
+    for (int64_t c : h->buckets) n += c;
+    EXPECT_EQ(n, h->count);
+  }
+
+  Collected c;
+  Request decode = Greedy(Prompt(30, 3), 4000);
+  decode.id = "cancelled";
+  ASSERT_TRUE(e->Submit(decode, c.Sink()).ok());
+  {
+    std::unique_lock<std::mutex> lock(c.mu);
+    c.cv.wait(lock, [&] {
+      return std::count_if(c.events.begin(), c.events.end(),
+                           [](const auto& ev) { return ev.kind == RequestEvent::Kind::kTokens; }) >= 3;
+    });
+  }
+  e->Cancel("cancelled");
+  EXPECT_EQ(c.Wait().reason, FinishReason::kCancelled);
+  ExpectPoolsAtBaseline(*e);
+  const int64_t generated = static_cast<int64_t>(c.Tokens().size());
+  m = e->Stats().metrics;
+  EXPECT_EQ(m.prompt_tokens, 40 + 70 + 30);
+  EXPECT_EQ(m.generation_tokens, 5 + 9 + generated);
+  EXPECT_EQ(m.time_to_first_token.count, 3);
+  EXPECT_EQ(m.inter_token_latency.count, 4 + 8 + generated - 1);
+  EXPECT_EQ(m.request_latency.count, 2);  // cancelled: not a finished request
+}
+
 TEST(Engine, DrainRefusesNewRequestsAndFinishesLiveOnes) {
   auto e = Build("tiny-llama");
   Collected live;
