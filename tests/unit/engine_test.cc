@@ -37,6 +37,14 @@ struct Collected {
     EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(120), [&] { return done; })) << "no final event";
     return events.back();
   }
+  // Until `n` token events have arrived.
+  void WaitForTokenEvents(int n) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] {
+      return std::count_if(events.begin(), events.end(),
+                           [](const auto& ev) { return ev.kind == RequestEvent::Kind::kTokens; }) >= n;
+    });
+  }
   std::vector<int32_t> Tokens() {
     std::lock_guard<std::mutex> lock(mu);
     std::vector<int32_t> t;
@@ -237,13 +245,7 @@ TEST(Engine, CancelMidPrefillAndMidDecodeAndDeadlinesFreeEveryPage) {
   Request decode = Greedy(Prompt(30, 5), 4000);
   decode.id = "decode";
   ASSERT_TRUE(e->Submit(decode, dec.Sink()).ok());
-  {
-    std::unique_lock<std::mutex> lock(dec.mu);
-    dec.cv.wait(lock, [&] {
-      return std::count_if(dec.events.begin(), dec.events.end(),
-                           [](const auto& ev) { return ev.kind == RequestEvent::Kind::kTokens; }) >= 3;
-    });
-  }
+  dec.WaitForTokenEvents(3);
   e->Cancel("decode");
   EXPECT_EQ(dec.Wait().reason, FinishReason::kCancelled);
   // Deadline.
@@ -299,13 +301,7 @@ TEST(Engine, MetricsCountTokensAndLatencies) {
   Request decode = Greedy(Prompt(30, 3), 4000);
   decode.id = "cancelled";
   ASSERT_TRUE(e->Submit(decode, c.Sink()).ok());
-  {
-    std::unique_lock<std::mutex> lock(c.mu);
-    c.cv.wait(lock, [&] {
-      return std::count_if(c.events.begin(), c.events.end(),
-                           [](const auto& ev) { return ev.kind == RequestEvent::Kind::kTokens; }) >= 3;
-    });
-  }
+  c.WaitForTokenEvents(3);
   e->Cancel("cancelled");
   EXPECT_EQ(c.Wait().reason, FinishReason::kCancelled);
   ExpectPoolsAtBaseline(*e);
