@@ -128,11 +128,7 @@ absl::StatusOr<std::unique_ptr<NeedleServer>> NeedleServer::Start(const ServerOp
           const engine::EngineStats stats = e->Stats();
           return RenderMetrics(info, &stats);
         });
-    if (!metrics.ok()) {
-      s->server_->Shutdown();
-      s->server_->Wait();
-      return metrics.status();
-    }
+    if (!metrics.ok()) return metrics.status();  // ~NeedleServer shuts gRPC down
     s->metrics_ = *std::move(metrics);
     Log()->info("metrics on http://{}/metrics", s->metrics_->address());
   }

@@ -3,7 +3,10 @@
 // order, batch invariance, reproducible seeded sampling, cancellation (mid-prefill, mid-decode,
 // client killed), deadlines, bad input, health, reflection, the Prometheus metrics endpoint and
 // SIGTERM draining; after every request that ends early the KV pools must return to their baseline.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -270,6 +273,38 @@ TEST_F(ServerE2eTest, MetricsEndpointCountsARequest) {
   int status = 0;
   HttpGet(server_->metrics_address(), "/other", &status);
   EXPECT_EQ(status, 404);
+}
+
+// A malformed --metrics_listen is refused before anything starts (exit 2), a port that is taken
+// stops the start-up with the address named (exit 1).
+TEST(ServerE2eFlags, MetricsListenErrorsNameTheProblem) {
+  auto run = [](const std::string& flag, std::string* out) {
+    std::string error;
+    auto p = Subprocess::Spawn({NEEDLE_SERVER_PATH, "--listen=127.0.0.1:0", flag}, &error, /*merge_stderr=*/true);
+    if (p == nullptr) {
+      *out = error;
+      return -1;
+    }
+    *out = p->ReadAll(std::chrono::seconds(60));
+    return p->Wait(std::chrono::seconds(10));
+  };
+  std::string out;
+  EXPECT_EQ(run("--metrics_listen=nonsense", &out), 2) << out;
+  EXPECT_THAT(out, HasSubstr("--metrics_listen must be host:port")) << out;
+
+  const int taken = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(taken, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(bind(taken, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(taken, 1), 0);
+  ASSERT_EQ(getsockname(taken, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string busy = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+  EXPECT_EQ(run("--metrics_listen=" + busy, &out), 1) << out;
+  EXPECT_THAT(out, HasSubstr("cannot listen for metrics on " + busy)) << out;
+  close(taken);
 }
 
 TEST_F(ServerE2eTest, StreamedTokensMatchNeedleGenerate) {
