@@ -5,23 +5,12 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "server/log.h"
 #include "server/proto_convert.h"
 #include "server/status_mapping.h"
 #include "spdlog/spdlog.h"
 
 namespace needle::server {
-namespace {
-
-std::shared_ptr<spdlog::logger> Log() {
-  static std::shared_ptr<spdlog::logger> logger = [] {
-    auto l = spdlog::get("server");
-    return l ? l : spdlog::default_logger()->clone("server");
-  }();
-  return logger;
-}
-
-}  // namespace
-
 GenerateReactor* GenerateReactor::Start(engine::Engine* engine, grpc::CallbackServerContext* context,
                                         const v1::GenerateRequest& request, std::string request_id,
                                         const StreamOptions& options) {

@@ -7,20 +7,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "server/log.h"
 #include "server/proto_convert.h"
 #include "server/status_mapping.h"
 #include "spdlog/spdlog.h"
 
 namespace needle::server {
 namespace {
-
-std::shared_ptr<spdlog::logger> Log() {
-  static std::shared_ptr<spdlog::logger> logger = [] {
-    auto l = spdlog::get("server");
-    return l ? l : spdlog::default_logger()->clone("server");
-  }();
-  return logger;
-}
 
 const grpc::Status& NotReady() {
   static const grpc::Status* status =

@@ -11,19 +11,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "server/log.h"
 #include "server/metrics.h"
 #include "spdlog/spdlog.h"
 
 namespace needle::server {
 namespace {
-
-std::shared_ptr<spdlog::logger> Log() {
-  static std::shared_ptr<spdlog::logger> logger = [] {
-    auto l = spdlog::get("server");
-    return l ? l : spdlog::default_logger()->clone("server");
-  }();
-  return logger;
-}
 
 // Clients may ping this often while a long prefill sends nothing (a 64k prompt takes seconds).
 constexpr int kMinClientPingIntervalMs = 10'000;
